@@ -1,0 +1,34 @@
+"""The `dmrx` command: one sub-app per noun."""
+
+from __future__ import annotations
+
+import typer
+
+from dmrx.cli import data
+
+app = typer.Typer(
+    help="dmrx: train, export, score and serve Deep Match to Rank (DMR) CTR models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data.app, name="data")
+
+
+def _not_yet(name: str, issue: str):
+    def command(ctx: typer.Context):
+        typer.echo(f"dmrx {name} is not available yet ({issue}).", err=True)
+        raise typer.Exit(1)
+
+    command.__doc__ = f"Not available yet ({issue})."
+    return command
+
+
+for _name, _issue in (("train", "the model-and-training issue"), ("evaluate", "the model-and-training issue"),
+                      ("export", "the export issue"), ("score", "the batch-scoring issue"),
+                      ("index", "the retrieval issue"), ("retrieve", "the retrieval issue")):
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+        _not_yet(_name, _issue))
+
+
+def main() -> None:
+    app()
