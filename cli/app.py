@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dmrx.cli import data
+from dmrx.cli import data, train
 
 app = typer.Typer(
     help="dmrx: train, export, score and serve Deep Match to Rank (DMR) CTR models.",
@@ -12,6 +12,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(data.app, name="data")
+app.command("train")(train.train)
+app.command("evaluate")(train.evaluate)
 
 
 def _not_yet(name: str, issue: str):
@@ -23,8 +25,7 @@ def _not_yet(name: str, issue: str):
     return command
 
 
-for _name, _issue in (("train", "the model-and-training issue"), ("evaluate", "the model-and-training issue"),
-                      ("export", "the export issue"), ("score", "the batch-scoring issue"),
+for _name, _issue in (("export", "the export issue"), ("score", "the batch-scoring issue"),
                       ("index", "the retrieval issue"), ("retrieve", "the retrieval issue")):
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
         _not_yet(_name, _issue))

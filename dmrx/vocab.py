@@ -21,16 +21,9 @@ class Vocab:
             self._table[ids] = np.arange(1, len(ids) + 1)
 
     @classmethod
-    def build(cls, counts: dict[int, int] | None = None, *, values: np.ndarray | None = None,
-              min_count: int = 1) -> Vocab:
-        """From raw values (all kept when min_count is 1) or from a {raw id: count} mapping."""
-        if values is not None:
-            uniq, cnt = np.unique(np.asarray(values, np.int64), return_counts=True)
-        else:
-            uniq = np.fromiter(counts.keys(), np.int64, len(counts))
-            cnt = np.fromiter(counts.values(), np.int64, len(counts))
-            order = np.argsort(uniq)
-            uniq, cnt = uniq[order], cnt[order]
+    def build(cls, values: np.ndarray, min_count: int = 1) -> Vocab:
+        """Every raw id seen in `values` at least min_count times."""
+        uniq, cnt = np.unique(np.asarray(values, np.int64), return_counts=True)
         return cls(uniq[cnt >= min_count])
 
     def __len__(self) -> int:

@@ -1,0 +1,116 @@
+"""`dmrx train` and `dmrx evaluate`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
+from dmrx.errors import DmrxError
+
+
+def _default_data() -> tuple[Path, Path | None]:
+    train, valid = Path("train.h5"), Path("valid.h5")
+    if not train.exists():
+        from dmrx.data.synthetic import generate
+
+        err_console.print("no --data given and no ./train.h5: generating the embedded synthetic data here")
+        with console.status("generating synthetic data"):
+            generate(".")
+    return train, valid if valid.exists() else None
+
+
+def _latest_unfinished() -> Path:
+    from dmrx.bundle import RUNS_DIR
+
+    runs = [p for p in RUNS_DIR.glob("*") if (p / "checkpoints" / "LATEST").exists()]
+    if not runs:
+        raise DmrxError(f"--resume: no interrupted run under {RUNS_DIR} (name one with --out)")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+@user_errors
+def train(
+    data: Annotated[Path | None, typer.Option(help="Training file (default ./train.h5, generated if absent).")] = None,
+    valid: Annotated[Path | None, typer.Option(help="Validation file (default ./valid.h5 when present).")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON or TOML config with "model" and "train" sections.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<timestamp>).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training data (max).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed; CPU runs are deterministic for a seed.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per step.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=0, help="Stop after this many steps (0: no limit).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--out, or the newest one).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Train a DMR model; the run directory becomes a self-contained model bundle."""
+    from dmrx.train import load_config
+    from dmrx.train import train as run_training
+
+    overrides = {"epochs": epochs, "seed": seed, "device": device, "batch_size": batch_size,
+                 "max_steps": max_steps}
+    model_cfg, train_cfg = load_config(config, overrides)
+    if resume:
+        run_dir = out or _latest_unfinished()
+        if data is None:
+            import json
+
+            saved = json.loads((run_dir / "config.json").read_text())["data"]
+            data, valid = Path(saved["train"]), Path(saved["valid"]) if saved["valid"] else None
+    else:
+        if data is None:
+            data, default_valid = _default_data()
+            valid = valid or default_valid
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise DmrxError(f"{run_dir}: run directory exists and is not empty (use --resume to continue it)")
+    summary = run_training(data, valid, run_dir, model_cfg, train_cfg, resume=resume,
+                           progress_bar=not json_out)
+    summary["run"] = str(run_dir)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(kv_table(f"trained {run_dir}", summary))
+
+
+@user_errors
+def evaluate(
+    run: Annotated[Path | None, typer.Argument(help="Run directory (default: the most recent run).")] = None,
+    data: Annotated[Path, typer.Option(help="Labelled dmrx data file to evaluate on.")] = Path("test.h5"),
+    batch_size: Annotated[int, typer.Option(min=1)] = 4096,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+):
+    """AUC, gAUC, logloss (and the oracle AUC when the file carries true probabilities)."""
+    from dmrx import bundle
+    from dmrx.data.reader import DataFile
+    from dmrx.metrics import report
+    from dmrx.predict import predict
+
+    b = bundle.load(run)
+    with DataFile(data) as f:
+        if not f.fields.has_label:
+            raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
+        res = predict(b.model, b.encoder(), f, batch_size=batch_size)
+    metrics = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
+    if "r" in res:
+        pos = res["label"] > 0
+        metrics["mean_r_pos"], metrics["mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
+    if "r_hat" in res:
+        pos = res["label"] > 0
+        metrics["mean_r_hat_pos"] = float(res["r_hat"][pos].mean())
+        metrics["mean_r_hat_neg"] = float(res["r_hat"][~pos].mean())
+    metrics = {"run": str(b.path), "data": str(data), **metrics}
+    if json_out:
+        print_json(metrics)
+        return
+    table = Table(title=f"{b.path} on {data}")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if k not in ("run", "data"):
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
+    console.print(table)

@@ -1,0 +1,181 @@
+"""The run directory as a self-contained model bundle.
+
+    runs/<name>/
+      model.safetensors   weights (the best checkpoint by validation AUC)
+      vocab.safetensors   per table: the sorted raw ids (row i+1 of the table); "sampler": match counts
+      config.json         the resolved model and training configs, and the data it was trained on
+      schema.json         the feature spec
+      metrics.jsonl       training log (one JSON object per line)
+      summary.json        best validation metrics, step counts, timings
+      manifest.json       format name and version, sha256 of every file above, library versions
+
+Never pickle: safetensors and JSON only. Loading verifies the format version and every hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import load_file, save_file
+
+from dmrx import __version__
+from dmrx.errors import DmrxError
+from dmrx.features import FeatureSpec
+from dmrx.model import DMR, DMRConfig
+from dmrx.vocab import Vocab
+
+FORMAT = "dmrx-run"
+VERSION = 1
+RUNS_DIR = Path("runs")
+BUNDLE_FILES = ("model.safetensors", "vocab.safetensors", "config.json", "schema.json", "metrics.jsonl",
+                "summary.json")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import h5py
+    import onnx
+    import onnxruntime
+    import safetensors
+
+    return {"dmrx": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "safetensors": safetensors.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_vocabs(path: Path, vocabs: dict[str, Vocab], sampler: np.ndarray) -> None:
+    tensors = {f"vocab.{t}": v.ids for t, v in vocabs.items()}
+    tensors["sampler"] = sampler.astype(np.float64)
+    save_np(tensors, str(path))
+
+
+def load_vocabs(path: Path) -> tuple[dict[str, Vocab], np.ndarray]:
+    t = load_np(str(path))
+    return {k[6:]: Vocab(v) for k, v in t.items() if k.startswith("vocab.")}, t["sampler"]
+
+
+def write_manifest(run_dir: Path, extra: dict | None = None) -> None:
+    files = {name: sha256(run_dir / name) for name in BUNDLE_FILES if (run_dir / name).exists()}
+    manifest = {"format": FORMAT, "version": VERSION, "files": files, "versions": library_versions()}
+    manifest.update(extra or {})
+    tmp = run_dir / ".manifest.json.tmp"
+    write_json(tmp, manifest)
+    os.replace(tmp, run_dir / "manifest.json")  # the manifest lands last: its presence marks a complete run
+
+
+def verify(run_dir: Path) -> dict:
+    """The run's manifest, after checking its format and every file's hash."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DmrxError(f"{run_dir}: no such run directory")
+    mpath = run_dir / "manifest.json"
+    if not mpath.exists():
+        hint = " (training did not finish: resume it with `dmrx train --resume --out RUN`)" \
+            if (run_dir / "checkpoints").exists() else ""
+        raise DmrxError(f"{run_dir}: not a complete dmrx run, manifest.json is missing{hint}")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DmrxError(f"{mpath}: damaged manifest (not valid JSON)") from None
+    if manifest.get("format") != FORMAT:
+        raise DmrxError(f"{mpath}: not a dmrx run manifest (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise DmrxError(f"{mpath}: run format version {manifest.get('version')} is not supported "
+                        f"(this dmrx reads version {VERSION})")
+    for name, digest in manifest.get("files", {}).items():
+        path = run_dir / name
+        if not path.exists():
+            raise DmrxError(f"{path}: missing from the run (listed in manifest.json)")
+        if sha256(path) != digest:
+            raise DmrxError(f"{path}: damaged, its sha256 does not match manifest.json")
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """A loaded run: everything needed to encode data and score it."""
+
+    path: Path
+    model: DMR
+    spec: FeatureSpec
+    vocabs: dict[str, Vocab]
+    sampler: np.ndarray
+    config: dict
+    manifest: dict
+
+    @property
+    def weights_hash(self) -> str:
+        return self.manifest["files"]["model.safetensors"]
+
+    def encoder(self):
+        from dmrx.features import Encoder
+
+        return Encoder(self.spec, self.vocabs)
+
+
+def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> DMR:
+    return DMR(cfg, spec, {t: len(v) for t, v in vocabs.items()})
+
+
+def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundle:
+    run_dir = resolve_run(run_dir)
+    manifest = verify(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        spec = FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
+        vocabs, sampler = load_vocabs(run_dir / "vocab.safetensors")
+        cfg = DMRConfig.from_json(config["model"])
+        model = build_model(cfg, spec, vocabs)
+        state = load_file(str(run_dir / "model.safetensors"))
+        model.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise DmrxError(f"{run_dir}: incompatible run bundle ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    return Bundle(run_dir, model, spec, vocabs, sampler, config, manifest)
+
+
+def save_weights(model: DMR, path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def resolve_run(run: str | os.PathLike | None) -> Path:
+    """A named run directory, or the most recent complete run under ./runs."""
+    if run is not None:
+        return Path(run)
+    latest = RUNS_DIR / "LATEST"
+    if latest.exists():
+        path = RUNS_DIR / latest.read_text().strip()  # an absolute path stays as it is
+        if path.is_dir():
+            return path
+    raise DmrxError(f"no run found under {RUNS_DIR.resolve()}: train one with `dmrx train` or name a run "
+                    "directory")
+
+
+def mark_latest(run_dir: Path) -> None:
+    """Record run_dir as the run later commands use when none is named (./runs/LATEST)."""
+    RUNS_DIR.mkdir(exist_ok=True)
+    inside = run_dir.resolve().parent == RUNS_DIR.resolve()
+    tmp = RUNS_DIR / ".LATEST.tmp"
+    tmp.write_text((run_dir.name if inside else str(run_dir.resolve())) + "\n")
+    os.replace(tmp, RUNS_DIR / "LATEST")

@@ -1,0 +1,316 @@
+"""The Deep Match to Rank model (Lyu et al., AAAI 2020) in one file.
+
+Notation follows the paper. e_t: a behaviour's feature vector (its fields' embeddings concatenated);
+p_t: position embedding, position 0 = the most recent behaviour; V: input embeddings shared by behaviours
+and target; V': the separate output table of the match field (items, or categories for Alimama data).
+
+- User-to-Item network (Eq. 2-5): attention with the positional encoding as query over the behaviours,
+  u = g(sum_t alpha_t e_t), r = u . v'_target.
+- Auxiliary match network (Eq. 6-9): u_{T-1} (the same network over all but the most recent behaviour)
+  predicts the most recent behaviour against V' with k sampled negatives.
+- Item-to-Item network (Eq. 10-13): attention between target and behaviours; r_hat = sum of the raw scores
+  over real behaviours, u_hat = the softmax-weighted sum.
+- MLP over [x_p, x_t, x_c, u_hat, r, r_hat], PReLU, sigmoid.
+
+Inference is split in two so a user's history is encoded once for all its candidates: `encode_user`
+(everything that does not depend on the target) and `score_candidates` (the target-dependent rest).
+Masking never uses infinities: an empty history gives zero attention weights and finite outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dmrx.errors import DmrxError
+from dmrx.features import FeatureSpec
+
+
+@dataclass
+class DMRConfig:
+    embed_dim: int = 32  # every embedding table (the match table doubles under shared_output)
+    max_len: int = 50  # T: behaviours read per example, most recent kept
+    attention: str = "additive"  # "additive": the paper's z^T tanh(W_p p + W_e e + b); "din": authors' scorer
+    attn_hidden: int = 64  # d_h of the additive form; the DIN scorer uses 80-40
+    mlp: tuple[int, ...] = (512, 256, 128)
+    aux_loss: str = "sampled_softmax"  # or "sigmoid_ns" (Eq. 8)
+    num_negatives: int = 2000
+    beta: float = 0.1
+    use_u2i: bool = True  # ablation "I2I only" turns this off (and the auxiliary network with it)
+    use_i2i: bool = True  # ablation "U2I only" turns this off
+    use_position: bool = True  # ablation "no positional encoding"
+    shared_output: bool = False  # ablation "double-size shared embedding": v' = V[target], match table 2x
+    match_field: str = "item"
+    use_user_id: bool = True
+
+    def validate(self) -> DmrxConfigCheck:
+        return DmrxConfigCheck(self)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["mlp"] = list(self.mlp)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> DMRConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DmrxError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "mlp" in d:
+            d["mlp"] = tuple(d["mlp"])
+        return cls(**d)
+
+
+class DmrxConfigCheck:
+    """Up-front validation: impossible values are reported before any work starts."""
+
+    def __init__(self, c: DMRConfig):
+        for name in ("embed_dim", "max_len", "attn_hidden", "num_negatives"):
+            if int(getattr(c, name)) <= 0:
+                raise DmrxError(f"model option {name} must be positive, got {getattr(c, name)}")
+        if not c.mlp or any(int(h) <= 0 for h in c.mlp):
+            raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
+        if c.beta < 0:
+            raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
+        if c.attention not in ("additive", "din"):
+            raise DmrxError(f"model option attention must be 'additive' or 'din', got {c.attention!r}")
+        if c.aux_loss not in ("sampled_softmax", "sigmoid_ns"):
+            raise DmrxError(f"model option aux_loss must be 'sampled_softmax' or 'sigmoid_ns', got {c.aux_loss!r}")
+        if not (c.use_u2i or c.use_i2i):
+            raise DmrxError("model options use_u2i and use_i2i cannot both be off")
+
+
+def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last axis restricted to mask; all-zero weights where a row has no real entry.
+
+    The max is taken over real entries only (padding takes the row's minimum, a finite number), so no
+    infinity or huge fill constant appears, in any precision.
+    """
+    floor = scores.amin(dim=-1, keepdim=True)
+    shift = torch.where(mask, scores, floor).amax(dim=-1, keepdim=True)
+    w = torch.exp(scores - shift) * mask.to(scores.dtype)
+    return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class AdditiveAttention(nn.Module):
+    """a_t = z^T tanh(W_q q + W_p p_t + W_e e_t + b): the paper's Eq. 2 (no q) and Eq. 10 (q = e_c).
+
+    The behaviour side W_p p_t + W_e e_t + b does not depend on the target, so it is computed once per
+    user (`keys`) and reused by every candidate (`scores`).
+    """
+
+    def __init__(self, d_e: int, d_pos: int, d_q: int, hidden: int):
+        super().__init__()
+        self.w_e = nn.Linear(d_e, hidden)
+        self.w_p = nn.Linear(d_pos, hidden, bias=False) if d_pos else None
+        self.w_q = nn.Linear(d_q, hidden, bias=False) if d_q else None
+        self.z = nn.Linear(hidden, 1, bias=False)
+
+    def project(self, e: Tensor) -> Tensor:
+        return self.w_e(e)
+
+    def keys(self, proj: Tensor, pos: Tensor | None) -> Tensor:
+        return proj + self.w_p(pos) if self.w_p is not None else proj
+
+    def scores(self, keys: Tensor, e: Tensor, query: Tensor | None = None) -> Tensor:
+        h = keys if query is None else keys + self.w_q(query).unsqueeze(-2)
+        return self.z(torch.tanh(h)).squeeze(-1)
+
+
+class DinAttention(nn.Module):
+    """The authors' released scorer: an MLP 80-40-1 (sigmoid hidden units) over [q, e, q - e, q * e].
+
+    The query is Dense+PReLU over the position embedding (U2I) or over [target, position] (I2I). The first
+    layer splits as W [q, e, q-e, q*e] = (W1 + W3) q + (W2 - W3) e + W4 (q * e); the e-only part is the
+    target-independent `keys`.
+    """
+
+    def __init__(self, d_e: int, d_pos: int, d_q: int, hidden: int):
+        super().__init__()
+        self.d_e = d_e
+        self.q_pos = nn.Linear(d_pos, d_e) if d_pos else None
+        self.q_target = nn.Linear(d_q, d_e, bias=False) if d_q else None
+        self.act = nn.PReLU(d_e, init=0.1)
+        self.l1 = nn.Linear(4 * d_e, 80)
+        self.l2 = nn.Linear(80, 40)
+        self.l3 = nn.Linear(40, 1)
+
+    def _split(self):
+        w = self.l1.weight
+        d = self.d_e
+        w1, w2, w3, w4 = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]
+        return w1 + w3, w2 - w3, w4
+
+    def project(self, e: Tensor) -> Tensor:
+        _, we, _ = self._split()
+        return e @ we.T + self.l1.bias
+
+    def keys(self, proj: Tensor, pos: Tensor | None) -> Tensor:
+        # the query's position part is target-independent too; carry it with the keys
+        shape = (*proj.shape[:-1], self.d_e)
+        qpos = self.q_pos(pos).expand(shape) if self.q_pos is not None else proj.new_zeros(shape)
+        return torch.cat([proj, qpos], dim=-1)
+
+    def scores(self, keys: Tensor, e: Tensor, query: Tensor | None = None) -> Tensor:
+        k, qpos = keys[..., :80], keys[..., 80:]
+        q = qpos if query is None or self.q_target is None else qpos + self.q_target(query).unsqueeze(-2)
+        q = self.act(q)
+        wq, _, wqe = self._split()
+        h = torch.sigmoid(k + q @ wq.T + (q * e) @ wqe.T)
+        return self.l3(torch.sigmoid(self.l2(h))).squeeze(-1)
+
+
+def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(d_in, h), nn.PReLU(h, init=0.1)]
+        d_in = h
+    layers.append(nn.Linear(d_in, 1))
+    return nn.Sequential(*layers)
+
+
+class DMR(nn.Module):
+    def __init__(self, cfg: DMRConfig, spec: FeatureSpec, table_sizes: dict[str, int]):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.spec = cfg, spec
+        table_of = spec.table_of()
+        self.table_of = table_of
+        self.match_table = table_of[f"target/{cfg.match_field}"]
+        d = cfg.embed_dim
+        dims = {t: d * (2 if cfg.shared_output and t == self.match_table else 1) for t in table_sizes}
+        # sparse: a step touches only the rows it looks up, so its cost does not grow with the vocabulary
+        self.tables = nn.ModuleDict({t: nn.Embedding(n, dims[t], padding_idx=0, sparse=True)
+                                     for t, n in table_sizes.items()})
+        self.d_v = dims[self.match_table]
+        if not cfg.shared_output:
+            self.v_out = nn.Embedding(table_sizes[self.match_table], self.d_v, padding_idx=0, sparse=True)
+        d_e = sum(dims[table_of[f"hist/{f}"]] for f in spec.behaviors)
+        d_t = sum(dims[table_of[f"target/{f}"]] for f in spec.target)
+        d_p = sum(dims[table_of[k]] for k in spec.profile_keys())
+        d_c = sum(dims[table_of[f"context/{f}"]] for f in spec.context) + len(spec.dense)
+        self.d_e = d_e
+        attn = AdditiveAttention if cfg.attention == "additive" else DinAttention
+        d_pos = d if cfg.use_position else 0
+        if cfg.use_u2i:
+            self.pos_u2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
+            self.att_u2i = attn(d_e, d_pos, 0, cfg.attn_hidden)
+            self.g = nn.Sequential(nn.Linear(d_e, self.d_v), nn.PReLU(self.d_v, init=0.1))
+        if cfg.use_i2i:
+            self.pos_i2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
+            self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden)
+        d_in = d_p + d_t + d_c + (d_e + 1 if cfg.use_i2i else 0) + (1 if cfg.use_u2i else 0)
+        self.mlp = _mlp(d_in, cfg.mlp)
+        for emb in self.tables.values():
+            nn.init.normal_(emb.weight, std=0.05)
+        if not cfg.shared_output:
+            nn.init.normal_(self.v_out.weight, std=0.05)
+        # reverse time order: slot T-1 (most recent) gets position 0
+        self.register_buffer("positions", torch.arange(cfg.max_len - 1, -1, -1), persistent=False)
+
+    # ---- pieces -----------------------------------------------------------------------------------
+    def _embed(self, batch: dict[str, Tensor], keys: list[str]) -> Tensor:
+        return torch.cat([self.tables[self.table_of[k]](batch[k]) for k in keys], dim=-1)
+
+    def output_table(self) -> Tensor:
+        """V': the rows retrieval searches (the input table itself under the shared_output ablation)."""
+        return self.tables[self.match_table].weight if self.cfg.shared_output else self.v_out.weight
+
+    def _v_out(self, index: Tensor) -> Tensor:
+        return self.tables[self.match_table](index) if self.cfg.shared_output else self.v_out(index)
+
+    def _pos(self, table: nn.Embedding | None, T: int) -> Tensor | None:
+        return None if table is None else table(self.positions[-T:])
+
+    def _user_vector(self, proj: Tensor, e: Tensor, mask: Tensor) -> Tensor:
+        """u (Eq. 2-4) from the behaviours' projections W_e e_t, their features e_t and the mask."""
+        keys = self.att_u2i.keys(proj, self._pos(self.pos_u2i, e.shape[1]))
+        alpha = masked_softmax(self.att_u2i.scores(keys, e), mask)
+        return self.g(torch.bmm(alpha.unsqueeze(1), e).squeeze(1))
+
+    def _hist_mask(self, batch: dict[str, Tensor], T: int) -> Tensor:
+        slots = torch.arange(T, device=batch["hist_len"].device)
+        return slots.unsqueeze(0) >= (T - batch["hist_len"]).unsqueeze(1)
+
+    # ---- inference, split ---------------------------------------------------------------------------
+    def encode_user(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Everything that depends on the user's history only: computed once per user."""
+        e = self._embed(batch, [f"hist/{f}" for f in self.spec.behaviors])
+        mask = self._hist_mask(batch, e.shape[1])
+        out = {"hist_emb": e, "mask": mask.to(e.dtype)}
+        if self.cfg.use_u2i:
+            out["u2i_proj"] = self.att_u2i.project(e)
+            out["u"] = self._user_vector(out["u2i_proj"], e, mask)
+        if self.cfg.use_i2i:
+            out["i2i_keys"] = self.att_i2i.keys(self.att_i2i.project(e), self._pos(self.pos_i2i, e.shape[1]))
+        return out
+
+    def score_candidates(self, user: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The target-dependent part. `user` rows align with `batch` rows (index them by user first)."""
+        x_t = self._embed(batch, [f"target/{f}" for f in self.spec.target])
+        parts = [self._embed(batch, self.spec.profile_keys())] if self.spec.profile_keys() else []
+        parts.append(x_t)
+        if self.spec.context:
+            parts.append(self._embed(batch, [f"context/{f}" for f in self.spec.context]))
+        if self.spec.dense:
+            parts.append(torch.stack([batch[f"dense/{f}"] for f in self.spec.dense], dim=-1).to(x_t.dtype))
+        out = {}
+        if self.cfg.use_i2i:
+            e, mask = user["hist_emb"], user["mask"]
+            a_hat = self.att_i2i.scores(user["i2i_keys"], e, x_t)
+            out["r_hat"] = (a_hat * mask).sum(dim=-1)  # Eq. 11 over real behaviours only
+            alpha = masked_softmax(a_hat, mask > 0)
+            u_hat = torch.bmm(alpha.unsqueeze(1), e).squeeze(1)  # Eq. 12-13
+            out["i2i_weights"] = alpha
+            parts += [u_hat, out["r_hat"].unsqueeze(-1)]
+        if self.cfg.use_u2i:
+            v = self._v_out(batch[f"target/{self.cfg.match_field}"])
+            out["r"] = (user["u"] * v).sum(dim=-1)  # Eq. 5
+            parts.append(out["r"].unsqueeze(-1))
+        out["logit"] = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
+        return out
+
+    def forward(self, batch: dict[str, Tensor], negatives: Tensor | None = None,
+                log_q: Tensor | None = None) -> dict[str, Tensor]:
+        """CTR logits (and r, r_hat) for aligned rows: user side and candidate side in one call.
+        Given negatives (training), also the auxiliary loss "aux", reusing the user side's projections."""
+        user = self.encode_user(batch)
+        out = self.score_candidates(user, batch)
+        if negatives is not None and self.cfg.use_u2i:
+            out["aux"] = self.aux_loss(user, batch, negatives, log_q)
+        return out
+
+    # ---- training -----------------------------------------------------------------------------------
+    def aux_loss(self, user: dict[str, Tensor], batch: dict[str, Tensor], negatives: Tensor,
+                 log_q: Tensor) -> Tensor:
+        """Auxiliary match loss (Eq. 6-9): u_{T-1} predicts the most recent behaviour's match id.
+
+        u_{T-1} is the User-to-Item network over all but the most recent behaviour, positions renumbered
+        so that the second most recent is position 0; it reuses the projections W_e e_t of `user`.
+        negatives: [k] match-table indices shared by the batch; log_q: log sampling probability of every
+        match-table row (the sampled-softmax correction). Rows with fewer than 2 behaviours (no previous
+        state, or no next behaviour) contribute nothing.
+        """
+        e, proj = user["hist_emb"][:, :-1], user["u2i_proj"][:, :-1]
+        T = e.shape[1]
+        length = (batch["hist_len"] - 1).clamp_min(0)
+        mask = torch.arange(T, device=e.device).unsqueeze(0) >= (T - length).unsqueeze(1)
+        valid = (batch["hist_len"] >= 2).to(e.dtype)
+        u_prev = self._user_vector(proj, e, mask)
+        pos_id = batch[f"hist/{self.cfg.match_field}"][:, -1]
+        pos_logit = (u_prev * self._v_out(pos_id)).sum(-1)
+        neg_logit = u_prev @ self._v_out(negatives).T  # [B, k]
+        if self.cfg.aux_loss == "sigmoid_ns":  # Eq. 8
+            loss = -(F.logsigmoid(pos_logit) + F.logsigmoid(-neg_logit).sum(-1))
+        else:  # sampled softmax with log-Q correction and accidental hits removed, as the authors' code
+            hit = negatives.unsqueeze(0) == pos_id.unsqueeze(1)
+            neg_logit = (neg_logit - log_q[negatives]).masked_fill(hit, -1e4)
+            logits = torch.cat([(pos_logit - log_q[pos_id]).unsqueeze(1), neg_logit], dim=1)
+            loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device),
+                                   reduction="none")
+        return (loss * valid).sum() / valid.sum().clamp_min(1.0)

@@ -1,0 +1,361 @@
+"""Training: one loop for CPU and GPU, resumable from any checkpoint, writing a self-contained run bundle.
+
+Embedding tables take sparse gradients and a lazy optimiser (SparseAdam): a step only touches the rows
+its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
+Checkpoints hold model, both optimisers, step, RNG states and the data position (epoch, batch), and land
+atomically (a new directory, then a pointer file), so a run killed at any moment resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: JSON configs only
+    tomllib = None
+
+from dmrx import bundle
+from dmrx.atomic import atomic_dir
+from dmrx.data.reader import DataFile
+from dmrx.errors import DmrxError
+from dmrx.features import Encoder, declare, fit
+from dmrx.metrics import auc
+from dmrx.model import DMR, DMRConfig
+from dmrx.predict import predict, to_tensors
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    patience: int = 1  # epochs without a better validation AUC before stopping
+    eval_every: int = 0  # also validate every N steps (0: once per epoch)
+    checkpoint_every: int = 500  # steps
+    log_every: int = 50  # steps between lines of metrics.jsonl
+    min_count: int = 1  # ids seen fewer times in training map to the unknown index
+    max_steps: int = 0  # stop after this many steps (0: no limit); for smoke tests
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "min_count"):
+            if getattr(self, name) <= 0:
+                raise DmrxError(f"train option {name} must be positive, got {getattr(self, name)}")
+        for name in ("patience", "eval_every", "max_steps"):
+            if getattr(self, name) < 0:
+                raise DmrxError(f"train option {name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise DmrxError(f"train option lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise DmrxError(f"train option device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainConfig]:
+    """Model and training configs from a JSON or TOML file ({"model": {...}, "train": {...}}) and flags."""
+    raw: dict = {}
+    if path is not None:
+        if not path.exists():
+            raise DmrxError(f"{path}: no such config file")
+        if path.suffix == ".toml" and tomllib is None:
+            raise DmrxError(f"{path}: TOML configs need Python 3.11 or newer; use a JSON config")
+        try:
+            raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
+            raise DmrxError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+        unknown = sorted(set(raw) - {"model", "train"})
+        if unknown:
+            raise DmrxError(f"{path}: unknown section(s) {unknown}; expected 'model' and 'train'")
+    try:
+        model_cfg = DMRConfig.from_json(raw.get("model", {}))
+        train_raw = dict(raw.get("train", {}))
+        known = {f.name for f in fields(TrainConfig)}
+        if set(train_raw) - known:
+            raise DmrxError(f"unknown train option(s) {sorted(set(train_raw) - known)}; known: {sorted(known)}")
+        train_raw.update({k: v for k, v in overrides.items() if v is not None})
+        train_cfg = TrainConfig(**train_raw)
+    except DmrxError as e:
+        raise DmrxError(f"{path}: {e}" if path else str(e)) from None
+    except TypeError as e:
+        raise DmrxError(f"{path}: {e}") from None
+    model_cfg.validate()
+    train_cfg.validate()
+    return model_cfg, train_cfg
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DmrxError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+class NegativeSampler:
+    """k negatives from the behaviour-frequency distribution of the match field, shared by a batch.
+
+    Sampling is a binary search in a precomputed CDF: O(k log V) per step, whatever the vocabulary.
+    """
+
+    def __init__(self, counts: np.ndarray, k: int, seed: int, device: torch.device):
+        total = counts.sum()
+        p = counts / total if total > 0 else np.zeros_like(counts)
+        self.usable = total > 0
+        self.cdf = torch.from_numpy(np.cumsum(p)).to(device)
+        self.log_q = torch.from_numpy(np.log(np.maximum(p, 1e-12))).float().to(device)
+        self.k = k
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.device = device
+
+    def sample(self) -> torch.Tensor:
+        u = torch.rand(self.k, generator=self.gen, dtype=torch.float64).to(self.device) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.cdf) - 1)
+
+
+def _optimizers(model: DMR, lr: float):
+    sparse = [p for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.Adam(dense, lr=lr), torch.optim.SparseAdam(sparse, lr=lr)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def _optim_tensors(opts) -> tuple[dict[str, torch.Tensor], list]:
+    tensors, meta = {}, []
+    for i, opt in enumerate(opts):
+        sd = opt.state_dict()
+        scalars = {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt{i}.{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(pid), {})[k] = v
+        meta.append({"param_groups": sd["param_groups"], "scalars": scalars})
+    return tensors, meta
+
+
+def _load_optim(opts, tensors: dict[str, torch.Tensor], meta: list) -> None:
+    for i, opt in enumerate(opts):
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            o, pid, name = key.split(".", 2)
+            if o == f"opt{i}":
+                state.setdefault(int(pid), {})[name] = v
+        for pid, sc in meta[i]["scalars"].items():
+            state.setdefault(int(pid), {}).update(sc)
+        opt.load_state_dict({"state": state, "param_groups": meta[i]["param_groups"]})
+
+
+def _save_checkpoint(run_dir: Path, model, best_state, opts, sampler, progress: dict) -> None:
+    ckpts = run_dir / "checkpoints"
+    name = f"step-{progress['step']:09d}"
+    if (ckpts / name).exists():
+        return
+    with atomic_dir(ckpts / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        save_file(best_state, str(tmp / "best.safetensors"))
+        tensors, meta = _optim_tensors(opts)
+        tensors["rng.sampler"] = sampler.gen.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optim.safetensors"))
+        bundle.write_json(tmp / "state.json", {**progress, "optim": meta})
+    pointer = ckpts / "LATEST.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, ckpts / "LATEST")
+    for old in ckpts.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_dir: Path, model, opts, sampler) -> tuple[dict, dict]:
+    ckpts = run_dir / "checkpoints"
+    pointer = ckpts / "LATEST"
+    if not pointer.exists():
+        raise DmrxError(f"{run_dir}: no checkpoint to resume from")
+    path = ckpts / pointer.read_text().strip()
+    state = json.loads((path / "state.json").read_text())
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    tensors = load_file(str(path / "optim.safetensors"))
+    sampler.gen.set_state(tensors.pop("rng.sampler"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    _load_optim(opts, tensors, state.pop("optim"))
+    return state, load_file(str(path / "best.safetensors"))
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def _validate(model, encoder, valid: DataFile, device) -> dict:
+    res = predict(model, encoder, valid, device=device)
+    out = {"val_auc": auc(res["label"], res["prob"])}
+    if "r" in res:
+        pos = res["label"] > 0
+        out["val_mean_r_pos"], out["val_mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
+    return out
+
+
+def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: DMRConfig,
+          train_cfg: TrainConfig, resume: bool = False, progress_bar: bool = True) -> dict:
+    """Train a DMR model and write its bundle to run_dir; return the summary."""
+    device = pick_device(train_cfg.device)
+    torch.manual_seed(train_cfg.seed)
+    data = DataFile(train_path)
+    valid = DataFile(valid_path) if valid_path is not None else None
+    if not data.fields.has_label:
+        raise DmrxError(f"{train_path}: examples/label is missing; training needs labels")
+    if valid is not None and not valid.fields.has_label:
+        raise DmrxError(f"{valid_path}: examples/label is missing; validation needs labels")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if resume:
+        saved = json.loads((run_dir / "config.json").read_text())
+        model_cfg = DMRConfig.from_json(saved["model"])
+        train_cfg = TrainConfig(**saved["train"])
+        spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
+        vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
+    else:
+        spec = declare(data.fields, model_cfg.match_field, model_cfg.use_user_id)
+        vocabs, counts = fit(spec, data, train_cfg.min_count)
+        bundle.write_json(run_dir / "config.json", {
+            "model": model_cfg.to_json(), "train": asdict(train_cfg),
+            "data": {"train": str(train_path), "valid": str(valid_path) if valid_path else None}})
+        bundle.write_json(run_dir / "schema.json", spec.to_json())
+        bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
+    encoder = Encoder(spec, vocabs)
+    encoder.check_file(data)
+    if valid is not None:
+        encoder.check_file(valid)
+
+    model = bundle.build_model(model_cfg, spec, vocabs).to(device)
+    opts = _optimizers(model, train_cfg.lr)
+    sampler = NegativeSampler(counts, model_cfg.num_negatives, train_cfg.seed, device)
+    use_aux = model_cfg.use_u2i and model_cfg.beta > 0 and sampler.usable
+    amp = device.type == "cuda"
+    log_path = run_dir / "metrics.jsonl"
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
+             "log_bytes": 0, "train_seconds": 0.0, "examples": 0, "done": False}
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if resume:
+        state, best_state = _load_checkpoint(run_dir, model, opts, sampler)
+        with open(log_path, "r+b") as f:  # drop log lines written after that checkpoint
+            f.truncate(state["log_bytes"])
+    elif log_path.exists():
+        log_path.unlink()
+
+    keys = ["seq", "end", "label"] + spec.batch_keys()
+    n_batches = data.n_batches(train_cfg.batch_size)
+    log = open(log_path, "a")
+
+    def write_log(record: dict) -> None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    def checkpoint() -> None:
+        state["log_bytes"] = log.tell()
+        _save_checkpoint(run_dir, model, best_state, opts, sampler, state)
+
+    def end_epoch_validation() -> bool:
+        """Validate, keep the best weights; True when early stopping says stop."""
+        if valid is None:
+            best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            return False
+        metrics = _validate(model, encoder, valid, device)
+        write_log({"step": state["step"], "epoch": state["epoch"], **metrics})
+        if metrics["val_auc"] > state["best_auc"]:
+            state.update(best_auc=metrics["val_auc"], best_epoch=state["epoch"], bad_epochs=0)
+            best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        else:
+            state["bad_epochs"] += 1
+        return state["bad_epochs"] > train_cfg.patience - 1 if train_cfg.patience else False
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[speed]} ex/s  loss {task.fields[loss]}  aux {task.fields[aux]}"),
+                   TimeRemainingColumn(), disable=not progress_bar, transient=False)
+    model.train()
+    t_last, ex_last = time.perf_counter(), 0
+    sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+    with bar:
+        task = bar.add_task("train", total=n_batches, completed=state["batch"], epoch=state["epoch"] + 1,
+                            speed="-", loss="-", aux="-")
+        while not state["done"] and state["epoch"] < train_cfg.epochs:
+            t0 = time.perf_counter()
+            batches = data.batches(train_cfg.batch_size, model_cfg.max_len, shuffle=True, seed=train_cfg.seed,
+                                   epoch=state["epoch"], start_batch=state["batch"], encoder=encoder, keys=keys,
+                                   behavior_fields=spec.behaviors)
+            for batch in batches:
+                t = to_tensors(encoder.finish(batch), device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(t, *((sampler.sample(), sampler.log_q) if use_aux else ()))
+                    loss_t = F.binary_cross_entropy_with_logits(out["logit"].float(), t["label"])
+                    loss_aux = out["aux"].float() if use_aux else torch.zeros((), device=device)
+                    loss = loss_t + model_cfg.beta * loss_aux
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in opts:
+                    opt.step()
+                state["step"] += 1
+                state["batch"] += 1
+                state["examples"] += len(batch["label"])
+                sums["loss"] += loss_t.item()
+                sums["aux"] += loss_aux.item()
+                sums["n"] += 1
+                if state["step"] % train_cfg.log_every == 0:
+                    now = time.perf_counter()
+                    speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
+                    t_last, ex_last = now, state["examples"]
+                    rec = {"step": state["step"], "epoch": state["epoch"], "loss": sums["loss"] / sums["n"],
+                           "aux_loss": sums["aux"] / sums["n"], "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
+                           "examples_per_s": speed}
+                    write_log(rec)
+                    bar.update(task, completed=state["batch"], speed=f"{speed:,.0f}", loss=f"{rec['loss']:.4f}",
+                               aux=f"{rec['aux_loss']:.3f}")
+                    sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+                if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
+                    write_log({"step": state["step"], "epoch": state["epoch"],
+                               **_validate(model, encoder, valid, device)})
+                if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
+                    state["done"] = True
+                    break
+                if state["step"] % train_cfg.checkpoint_every == 0:
+                    state["train_seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint()
+            state["train_seconds"] += time.perf_counter() - t0
+            if state["batch"] >= n_batches or state["done"]:
+                stop = end_epoch_validation()
+                state["epoch"] += 1
+                state["batch"] = 0
+                state["done"] = state["done"] or stop
+                checkpoint()
+                bar.update(task, completed=0, epoch=min(state["epoch"] + 1, train_cfg.epochs))
+    log.close()
+
+    model.load_state_dict(best_state)
+    bundle.save_weights(model, run_dir / "model.safetensors")
+    summary = {"best_val_auc": state["best_auc"] if valid is not None else None,
+               "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "steps": state["step"],
+               "examples": state["examples"], "train_seconds": state["train_seconds"],
+               "examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9), "device": str(device),
+               "aux_loss": use_aux}
+    bundle.write_json(run_dir / "summary.json", summary)
+    bundle.write_manifest(run_dir)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    bundle.mark_latest(run_dir)
+    data.close()
+    if valid is not None:
+        valid.close()
+    return summary
