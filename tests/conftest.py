@@ -1,0 +1,42 @@
+"""Shared test assets, created by the tests themselves: tiny synthetic data and a tiny trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(name: str) -> Path:
+    """A dataset under ../shared/data, or skip the test when this checkout has none."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """train/valid/test/candidates.h5 from the synthetic generator at toy size (300 users)."""
+    from dmrx.data.synthetic import SyntheticConfig, generate
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    generate(out, SyntheticConfig(users=300, items=1000, cates=30, brands=100, mean_len=20, max_len=60,
+                                  impressions_per_user=10, candidates_per_user=5, seed=7))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """A complete run bundle trained for a few dozen steps on tiny_data (small model, fast)."""
+    from dmrx.model import DMRConfig
+    from dmrx.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_data / "train.h5", tiny_data / "valid.h5", run,
+          DMRConfig(embed_dim=8, attn_hidden=16, mlp=(32, 16), num_negatives=50, max_len=20),
+          TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10), progress_bar=False)
+    return run
