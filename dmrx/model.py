@@ -275,6 +275,12 @@ class DMR(nn.Module):
         out["logit"] = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
         return out
 
+    def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]
+                      ) -> dict[str, Tensor]:
+        """Candidates of many users: `user` holds one row per user (from encode_user), `user_row[i]` says
+        which of those rows candidate i belongs to. The history is encoded once per user, not per candidate."""
+        return self.score_candidates({k: v.index_select(0, user_row) for k, v in user.items()}, batch)
+
     def forward(self, batch: dict[str, Tensor], negatives: Tensor | None = None,
                 log_q: Tensor | None = None) -> dict[str, Tensor]:
         """CTR logits (and r, r_hat) for aligned rows: user side and candidate side in one call.

@@ -50,10 +50,28 @@ def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
     ds[n:] = values
 
 
-def _as_ids(values, where: str, path: Path) -> np.ndarray:
+def _as_1d(values, where: str, path: Path) -> np.ndarray:
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise DmrxError(f"{path}: {where} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _as_floats(values, where: str, path: Path) -> np.ndarray:
+    arr = _as_1d(values, where, path)
+    if arr.dtype.kind not in "iubf":
+        raise DmrxError(f"{path}: {where} must hold numbers, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise DmrxError(f"{path}: {where} row {int(np.argmax(bad))}: not a finite number")
+    return arr
+
+
+def _as_ids(values, where: str, path: Path) -> np.ndarray:
+    arr = _as_1d(values, where, path)
+    if arr.size == 0:  # an empty list is float64 to numpy; an empty chunk is still a valid chunk
+        return arr.astype(np.int64)
     if arr.dtype.kind not in "iub":
         raise DmrxError(f"{path}: {where} must hold integer ids, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
@@ -99,12 +117,19 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        # The temporary file becomes `path` only if the block and the finishing both succeed; a failure
+        # in either (or in closing) discards it, and the original exception propagates.
         try:
-            if exc_type is None:
-                self._finish()
-            self._h5.close()
-        finally:
-            self._atomic.__exit__(exc_type, exc, tb)
+            try:
+                if exc_type is None:
+                    self._finish()
+            finally:
+                self._h5.close()
+        except BaseException as e:
+            if not self._atomic.__exit__(type(e), e, e.__traceback__):
+                raise
+            return False
+        self._atomic.__exit__(exc_type, exc, tb)
         return False
 
     def add_sequences(self, lengths, **fields) -> int:
@@ -114,11 +139,13 @@ class Writer:
         if set(fields) != set(self.behavior_fields):
             raise DmrxError(f"{self.path}: behaviour fields {sorted(fields)} differ from the declared "
                             f"{sorted(self.behavior_fields)}")
-        beh = self._h5["behaviors"]
-        for name, values in fields.items():
-            arr = _as_ids(values, f"behaviors/{name}", self.path)
+        arrays = {}
+        for name, values in fields.items():  # validate everything before appending anything
+            arr = arrays[name] = _as_ids(values, f"behaviors/{name}", self.path)
             if len(arr) != total:
                 raise DmrxError(f"{self.path}: behaviors/{name} has {len(arr)} rows, lengths sum to {total}")
+        beh = self._h5["behaviors"]
+        for name, arr in arrays.items():
             _append(beh[name], arr)
         _append(beh["offsets"], self._n_behaviors + np.cumsum(lengths))
         first = self._n_seq
@@ -137,24 +164,28 @@ class Writer:
             for name, v in (values or {}).items():
                 cols[f"{group}/{name}"] = _as_ids(v, f"examples/{group}/{name}", self.path)
         for name, v in (dense or {}).items():
-            arr = np.asarray(v, dtype=np.float32)
-            if not np.isfinite(arr).all():
-                row = int(np.argmax(~np.isfinite(arr)))
-                raise DmrxError(f"{self.path}: examples/dense/{name} row {row}: not a finite number")
-            cols[f"dense/{name}"] = arr
+            cols[f"dense/{name}"] = _as_floats(v, f"examples/dense/{name}", self.path)
         if label is not None:
-            lab = np.asarray(label)
+            lab = _as_1d(label, "examples/label", self.path)
+            if lab.dtype.kind not in "iubf":
+                raise DmrxError(f"{self.path}: examples/label must be 0/1 numbers, got dtype {lab.dtype}")
             bad = (lab != 0) & (lab != 1)
             if bad.any():
                 row = int(np.argmax(bad))
                 raise DmrxError(f"{self.path}: examples/label row {row}: label {lab[row]} is not 0 or 1")
             cols["label"] = lab.astype(np.int8)
         if prob is not None:
-            cols["prob"] = np.asarray(prob, dtype=np.float32)
+            p = cols["prob"] = _as_floats(prob, "examples/prob", self.path)
+            bad = (p < 0) | (p > 1)
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise DmrxError(f"{self.path}: examples/prob row {row}: probability {p[row]} is not in [0, 1]")
         for name, arr in cols.items():
             if len(arr) != n:
                 raise DmrxError(f"{self.path}: examples/{name} has {len(arr)} rows, examples/seq has {n}")
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
+        if len(self._lengths) != 1:  # consolidate once, not on every call
+            self._lengths = [np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)]
+        lengths = self._lengths[0]
         if n and seq.max() >= len(lengths):
             row = int(np.argmax(seq >= len(lengths)))
             raise DmrxError(f"{self.path}: examples/seq row {row}: sequence {seq[row]} was not added yet")
