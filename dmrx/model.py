@@ -92,9 +92,20 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     infinity or huge fill constant appears, in any precision.
     """
     floor = scores.amin(dim=-1, keepdim=True)
-    shift = torch.where(mask, scores, floor).amax(dim=-1, keepdim=True)
-    w = torch.exp(scores - shift) * mask.to(scores.dtype)
+    real = torch.where(mask, scores, floor)  # padding can hold anything; it must not reach exp
+    w = torch.exp(real - real.amax(dim=-1, keepdim=True)) * mask.to(scores.dtype)
     return w / w.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+class PReLU(nn.Module):
+    """PReLU over the last axis (torch's nn.PReLU takes axis 1 as channels, wrong for [B, T, d] inputs)."""
+
+    def __init__(self, d: int, init: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((d,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, x, x * self.weight)
 
 
 class AdditiveAttention(nn.Module):
@@ -135,7 +146,7 @@ class DinAttention(nn.Module):
         self.d_e = d_e
         self.q_pos = nn.Linear(d_pos, d_e) if d_pos else None
         self.q_target = nn.Linear(d_q, d_e, bias=False) if d_q else None
-        self.act = nn.PReLU(d_e, init=0.1)
+        self.act = PReLU(d_e, 0.1)
         self.l1 = nn.Linear(4 * d_e, 80)
         self.l2 = nn.Linear(80, 40)
         self.l3 = nn.Linear(40, 1)
@@ -168,7 +179,7 @@ class DinAttention(nn.Module):
 def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(d_in, h), nn.PReLU(h, init=0.1)]
+        layers += [nn.Linear(d_in, h), PReLU(h, 0.1)]
         d_in = h
     layers.append(nn.Linear(d_in, 1))
     return nn.Sequential(*layers)
@@ -200,7 +211,7 @@ class DMR(nn.Module):
         if cfg.use_u2i:
             self.pos_u2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
             self.att_u2i = attn(d_e, d_pos, 0, cfg.attn_hidden)
-            self.g = nn.Sequential(nn.Linear(d_e, self.d_v), nn.PReLU(self.d_v, init=0.1))
+            self.g = nn.Sequential(nn.Linear(d_e, self.d_v), PReLU(self.d_v, 0.1))
         if cfg.use_i2i:
             self.pos_i2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
             self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden)
