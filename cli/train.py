@@ -37,7 +37,7 @@ def _latest_unfinished() -> Path:
 def train(
     data: Annotated[Path | None, typer.Option(help="Training file (default ./train.h5, generated if absent).")] = None,
     valid: Annotated[Path | None, typer.Option(help="Validation file (default ./valid.h5 when present).")] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON or TOML config with "model" and "train" sections.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON or TOML config with 'model' and 'train' sections.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<timestamp>).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training data (max).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; CPU runs are deterministic for a seed.")] = None,
