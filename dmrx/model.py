@@ -196,8 +196,9 @@ class DMR(nn.Module):
         d = cfg.embed_dim
         dims = {t: d * (2 if cfg.shared_output and t == self.match_table else 1) for t in table_sizes}
         # sparse: a step touches only the rows it looks up, so its cost does not grow with the vocabulary
-        self.tables = nn.ModuleDict({t: nn.Embedding(n, dims[t], padding_idx=0, sparse=True)
-                                     for t, n in table_sizes.items()})
+        # sorted: parameter order (which optimiser state follows) must not depend on where sizes came from
+        self.tables = nn.ModuleDict({t: nn.Embedding(table_sizes[t], dims[t], padding_idx=0, sparse=True)
+                                     for t in sorted(table_sizes)})
         self.d_v = dims[self.match_table]
         if not cfg.shared_output:
             self.v_out = nn.Embedding(table_sizes[self.match_table], self.d_v, padding_idx=0, sparse=True)
