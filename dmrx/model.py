@@ -42,6 +42,7 @@ class DMRConfig:
     use_u2i: bool = True  # ablation "I2I only" turns this off (and the auxiliary network with it)
     use_i2i: bool = True  # ablation "U2I only" turns this off
     use_position: bool = True  # ablation "no positional encoding"
+    use_r_hat: bool = True  # feed r_hat to the MLP (off, with U2I and positions off: a DIN-like model)
     shared_output: bool = False  # ablation "double-size shared embedding": v' = V[target], match table 2x
     match_field: str = "item"
     use_user_id: bool = True
@@ -216,7 +217,7 @@ class DMR(nn.Module):
         if cfg.use_i2i:
             self.pos_i2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
             self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden)
-        d_in = d_p + d_t + d_c + (d_e + 1 if cfg.use_i2i else 0) + (1 if cfg.use_u2i else 0)
+        d_in = d_p + d_t + d_c + (d_e + cfg.use_r_hat if cfg.use_i2i else 0) + cfg.use_u2i
         self.mlp = _mlp(d_in, cfg.mlp)
         for emb in self.tables.values():
             nn.init.normal_(emb.weight, std=0.05)
@@ -279,7 +280,7 @@ class DMR(nn.Module):
             alpha = masked_softmax(a_hat, mask > 0)
             u_hat = torch.bmm(alpha.unsqueeze(1), e).squeeze(1)  # Eq. 12-13
             out["i2i_weights"] = alpha
-            parts += [u_hat, out["r_hat"].unsqueeze(-1)]
+            parts += [u_hat, out["r_hat"].unsqueeze(-1)] if self.cfg.use_r_hat else [u_hat]
         if self.cfg.use_u2i:
             v = self._v_out(batch[f"target/{self.cfg.match_field}"])
             out["r"] = (user["u"] * v).sum(dim=-1)  # Eq. 5
