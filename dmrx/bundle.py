@@ -134,7 +134,12 @@ class Bundle:
 
 
 def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> DMR:
-    return DMR(cfg, spec, {t: len(v) for t, v in vocabs.items()})
+    sizes = {t: len(v) for t, v in vocabs.items()}
+    if cfg.model != "dmr":
+        from dmrx.baselines import build_baseline
+
+        return build_baseline(cfg, spec, sizes)
+    return DMR(cfg, spec, sizes)
 
 
 def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundle:

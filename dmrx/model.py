@@ -31,6 +31,7 @@ from dmrx.features import FeatureSpec
 
 @dataclass
 class DMRConfig:
+    model: str = "dmr"  # or a baseline trained by the same trainer: lr, widedeep, pnn, din, dien
     embed_dim: int = 32  # every embedding table (the match table doubles under shared_output)
     max_len: int = 50  # T: behaviours read per example, most recent kept
     attention: str = "additive"  # "additive": the paper's z^T tanh(W_p p + W_e e + b); "din": authors' scorer
@@ -67,6 +68,9 @@ class DMRConfig:
         return cls(**d)
 
 
+MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")
+
+
 class DmrxConfigCheck:
     """Up-front validation: impossible values are reported before any work starts."""
 
@@ -78,6 +82,8 @@ class DmrxConfigCheck:
             raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
         if c.beta < 0:
             raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
+        if c.model not in MODELS:
+            raise DmrxError(f"model option model must be one of {', '.join(MODELS)}, got {c.model!r}")
         if c.attention not in ("additive", "din"):
             raise DmrxError(f"model option attention must be 'additive' or 'din', got {c.attention!r}")
         if c.aux_loss not in ("sampled_softmax", "sigmoid_ns"):

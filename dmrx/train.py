@@ -240,7 +240,7 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
     model = bundle.build_model(model_cfg, spec, vocabs).to(device)
     opts = _optimizers(model, train_cfg.lr)
     sampler = NegativeSampler(counts, model_cfg.num_negatives, train_cfg.seed, device)
-    use_aux = model_cfg.use_u2i and model_cfg.beta > 0 and sampler.usable
+    use_aux = model_cfg.model == "dmr" and model_cfg.use_u2i and model_cfg.beta > 0 and sampler.usable
     amp = device.type == "cuda"
     log_path = run_dir / "metrics.jsonl"
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
