@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import typer
-
-from dmrx.cli import data, train
+from dmrx.cli import data, export, retrieve, score, train
 
 app = typer.Typer(
     help="dmrx: train, export, score and serve Deep Match to Rank (DMR) CTR models.",
@@ -14,6 +13,10 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.command("train")(train.train)
 app.command("evaluate")(train.evaluate)
+app.command("score")(score.score)
+app.add_typer(retrieve.index_app, name="index")
+app.command("retrieve")(retrieve.retrieve)
+app.command("export")(export.export)
 
 
 def _not_yet(name: str, issue: str):
@@ -25,8 +28,7 @@ def _not_yet(name: str, issue: str):
     return command
 
 
-for _name, _issue in (("export", "the export issue"), ("score", "the batch-scoring issue"),
-                      ("index", "the retrieval issue"), ("retrieve", "the retrieval issue")):
+for _name, _issue in ():
     app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
         _not_yet(_name, _issue))
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
 from rich.table import Table
 
-from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
 from dmrx.errors import DmrxError
 
 
@@ -54,6 +55,9 @@ def train(
     overrides = {"epochs": epochs, "seed": seed, "device": device, "batch_size": batch_size,
                  "max_steps": max_steps}
     model_cfg, train_cfg = load_config(config, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (out is None or (data is None and not resume)):
+        # every rank must agree on these without talking: a timestamped name or generated data would race
+        raise DmrxError("under torchrun, name the run directory with --out and the training file with --data")
     if resume:
         run_dir = out or _latest_unfinished()
         if data is None:

@@ -16,7 +16,8 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu")
 
 @torch.inference_mode()
 def predict(model: DMR, encoder: Encoder, data: DataFile, batch_size: int = 4096,
-            device: torch.device | str = "cpu", progress=None) -> dict[str, np.ndarray]:
+            device: torch.device | str = "cpu", progress=None, row_range: tuple[int, int] | None = None
+            ) -> dict[str, np.ndarray]:
     """CTR and relevance units for every row, in file order, plus labels, users and true probabilities."""
     encoder.check_file(data)
     was_training = model.training
@@ -26,7 +27,7 @@ def predict(model: DMR, encoder: Encoder, data: DataFile, batch_size: int = 4096
     out: dict[str, list[np.ndarray]] = {}
     raw_users = []
     for batch in data.batches(batch_size, model.cfg.max_len, encoder=encoder, keys=keys,
-                              behavior_fields=encoder.spec.behaviors):
+                              behavior_fields=encoder.spec.behaviors, row_range=row_range):
         raw_users.append(batch["user"])
         res = model(to_tensors(encoder.finish(batch), device))
         cols = {"prob": torch.sigmoid(res["logit"].float())}

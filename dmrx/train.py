@@ -28,6 +28,7 @@ except ImportError:  # Python 3.10: JSON configs only
 from dmrx import bundle
 from dmrx.atomic import atomic_dir
 from dmrx.data.reader import DataFile
+from dmrx.distributed import Dist, setup
 from dmrx.errors import DmrxError
 from dmrx.features import Encoder, declare, fit
 from dmrx.metrics import auc
@@ -105,7 +106,8 @@ def pick_device(name: str) -> torch.device:
 class NegativeSampler:
     """k negatives from the behaviour-frequency distribution of the match field, shared by a batch.
 
-    Sampling is a binary search in a precomputed CDF: O(k log V) per step, whatever the vocabulary.
+    Sampling is a binary search in a precomputed CDF: O(k log V) per step, whatever the vocabulary. The
+    draw depends only on (seed, step): resumed runs and every rank of a distributed run draw the same.
     """
 
     def __init__(self, counts: np.ndarray, k: int, seed: int, device: torch.device):
@@ -114,12 +116,11 @@ class NegativeSampler:
         self.usable = total > 0
         self.cdf = torch.from_numpy(np.cumsum(p)).to(device)
         self.log_q = torch.from_numpy(np.log(np.maximum(p, 1e-12))).float().to(device)
-        self.k = k
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.device = device
+        self.k, self.seed, self.device = k, seed, device
 
-    def sample(self) -> torch.Tensor:
-        u = torch.rand(self.k, generator=self.gen, dtype=torch.float64).to(self.device) * self.cdf[-1]
+    def sample(self, step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        u = torch.rand(self.k, generator=gen, dtype=torch.float64).to(self.device) * self.cdf[-1]
         return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.cdf) - 1)
 
 
@@ -158,7 +159,7 @@ def _load_optim(opts, tensors: dict[str, torch.Tensor], meta: list) -> None:
         opt.load_state_dict({"state": state, "param_groups": meta[i]["param_groups"]})
 
 
-def _save_checkpoint(run_dir: Path, model, best_state, opts, sampler, progress: dict) -> None:
+def _save_checkpoint(run_dir: Path, model, best_state, opts, progress: dict) -> None:
     ckpts = run_dir / "checkpoints"
     name = f"step-{progress['step']:09d}"
     if (ckpts / name).exists():
@@ -168,8 +169,6 @@ def _save_checkpoint(run_dir: Path, model, best_state, opts, sampler, progress: 
                   str(tmp / "model.safetensors"))
         save_file(best_state, str(tmp / "best.safetensors"))
         tensors, meta = _optim_tensors(opts)
-        tensors["rng.sampler"] = sampler.gen.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optim.safetensors"))
         bundle.write_json(tmp / "state.json", {**progress, "optim": meta})
     pointer = ckpts / "LATEST.tmp"
@@ -180,7 +179,7 @@ def _save_checkpoint(run_dir: Path, model, best_state, opts, sampler, progress: 
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(run_dir: Path, model, opts, sampler) -> tuple[dict, dict]:
+def _load_checkpoint(run_dir: Path, model, opts) -> tuple[dict, dict]:
     ckpts = run_dir / "checkpoints"
     pointer = ckpts / "LATEST"
     if not pointer.exists():
@@ -189,15 +188,16 @@ def _load_checkpoint(run_dir: Path, model, opts, sampler) -> tuple[dict, dict]:
     state = json.loads((path / "state.json").read_text())
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     tensors = load_file(str(path / "optim.safetensors"))
-    sampler.gen.set_state(tensors.pop("rng.sampler"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
     _load_optim(opts, tensors, state.pop("optim"))
     return state, load_file(str(path / "best.safetensors"))
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-def _validate(model, encoder, valid: DataFile, device) -> dict:
-    res = predict(model, encoder, valid, device=device)
+def _validate(model, encoder, valid: DataFile, device, dist: Dist) -> dict:
+    """Validation metrics over the whole file: each rank predicts its share of rows, then all gather."""
+    share = dist.rows(valid.n_rows)
+    res = predict(model, encoder, valid, device=device, row_range=(share.start, share.stop))
+    res = dist.gather({k: res[k] for k in ("label", "prob", "r") if k in res})
     out = {"val_auc": auc(res["label"], res["prob"])}
     if "r" in res:
         pos = res["label"] > 0
@@ -205,10 +205,25 @@ def _validate(model, encoder, valid: DataFile, device) -> dict:
     return out
 
 
+def _state_copy(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: DMRConfig,
           train_cfg: TrainConfig, resume: bool = False, progress_bar: bool = True) -> dict:
-    """Train a DMR model and write its bundle to run_dir; return the summary."""
-    device = pick_device(train_cfg.device)
+    """Train a model and write its bundle to run_dir; return the summary.
+
+    Under torchrun every rank calls this with the same arguments; only rank 0 writes files.
+    """
+    dist = setup(pick_device(train_cfg.device))
+    try:
+        return _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress_bar, dist)
+    finally:
+        dist.close()
+
+
+def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress_bar, dist: Dist) -> dict:
+    device = dist.device
     torch.manual_seed(train_cfg.seed)
     data = DataFile(train_path)
     valid = DataFile(valid_path) if valid_path is not None else None
@@ -216,22 +231,24 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
         raise DmrxError(f"{train_path}: examples/label is missing; training needs labels")
     if valid is not None and not valid.fields.has_label:
         raise DmrxError(f"{valid_path}: examples/label is missing; validation needs labels")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     if resume:
         saved = json.loads((run_dir / "config.json").read_text())
         model_cfg = DMRConfig.from_json(saved["model"])
-        train_cfg = TrainConfig(**saved["train"])
+        train_cfg = TrainConfig(**{**saved["train"], "device": train_cfg.device})
         spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
     else:
         spec = declare(data.fields, model_cfg.match_field, model_cfg.use_user_id)
         vocabs, counts = fit(spec, data, train_cfg.min_count)
-        bundle.write_json(run_dir / "config.json", {
-            "model": model_cfg.to_json(), "train": asdict(train_cfg),
-            "data": {"train": str(train_path), "valid": str(valid_path) if valid_path else None}})
-        bundle.write_json(run_dir / "schema.json", spec.to_json())
-        bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
+        if dist.main:
+            bundle.write_json(run_dir / "config.json", {
+                "model": model_cfg.to_json(), "train": asdict(train_cfg), "world_size": dist.world,
+                "data": {"train": str(train_path), "valid": str(valid_path) if valid_path else None}})
+            bundle.write_json(run_dir / "schema.json", spec.to_json())
+            bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
     encoder = Encoder(spec, vocabs)
     encoder.check_file(data)
     if valid is not None:
@@ -245,47 +262,76 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
     log_path = run_dir / "metrics.jsonl"
     state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
              "log_bytes": 0, "train_seconds": 0.0, "examples": 0, "done": False}
-    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_state = _state_copy(model)
     if resume:
-        state, best_state = _load_checkpoint(run_dir, model, opts, sampler)
-        with open(log_path, "r+b") as f:  # drop log lines written after that checkpoint
-            f.truncate(state["log_bytes"])
-    elif log_path.exists():
+        state, best_state = _load_checkpoint(run_dir, model, opts)
+        if dist.main:
+            with open(log_path, "r+b") as f:  # drop log lines written after that checkpoint
+                f.truncate(state["log_bytes"])
+    elif dist.main and log_path.exists():
         log_path.unlink()
 
     keys = ["seq", "end", "label"] + spec.batch_keys()
     n_batches = data.n_batches(train_cfg.batch_size)
-    log = open(log_path, "a")
+    log = open(log_path, "a") if dist.main else None
 
     def write_log(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
 
     def checkpoint() -> None:
-        state["log_bytes"] = log.tell()
-        _save_checkpoint(run_dir, model, best_state, opts, sampler, state)
+        if dist.main:
+            state["log_bytes"] = log.tell()
+            _save_checkpoint(run_dir, model, best_state, opts, state)
+        dist.barrier()
 
     def end_epoch_validation() -> bool:
-        """Validate, keep the best weights; True when early stopping says stop."""
+        """Validate, keep the best weights; True when early stopping says stop (the same on every rank)."""
         if valid is None:
-            best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            best_state.update(_state_copy(model))
             return False
-        metrics = _validate(model, encoder, valid, device)
+        metrics = _validate(model, encoder, valid, device, dist)
         write_log({"step": state["step"], "epoch": state["epoch"], **metrics})
         if metrics["val_auc"] > state["best_auc"]:
             state.update(best_auc=metrics["val_auc"], best_epoch=state["epoch"], bad_epochs=0)
-            best_state.update({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+            best_state.update(_state_copy(model))
         else:
             state["bad_epochs"] += 1
-        return state["bad_epochs"] > train_cfg.patience - 1 if train_cfg.patience else False
+        return bool(train_cfg.patience) and state["bad_epochs"] >= train_cfg.patience
+
+    def step(batch: dict[str, np.ndarray]) -> tuple[float, float]:
+        """One optimiser step on a global batch; this rank computes its slice of the rows."""
+        n_all = len(batch["label"])
+        n_aux = int((batch["hist_len"] >= 2).sum())
+        mine = dist.rows(n_all)
+        t = to_tensors(encoder.finish({k: v[mine] for k, v in batch.items()}), device)
+        n_mine, aux_mine = len(t["label"]), int((t["hist_len"] >= 2).sum())
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss_t = loss_aux = torch.zeros((), device=device)
+        if n_mine:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(t, *((sampler.sample(state["step"]), sampler.log_q) if use_aux else ()))
+            loss_t = F.binary_cross_entropy_with_logits(out["logit"].float(), t["label"])
+            if use_aux:
+                loss_aux = out["aux"].float()
+            # weights so that averaging over ranks gives the global batch's mean losses
+            w_t = dist.world * n_mine / n_all
+            w_aux = dist.world * aux_mine / max(n_aux, 1)
+            (w_t * loss_t + model_cfg.beta * w_aux * loss_aux).backward()
+        dist.average_gradients(model)
+        for opt in opts:
+            opt.step()
+        return loss_t.item(), loss_aux.item()
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[speed]} ex/s  loss {task.fields[loss]}  aux {task.fields[aux]}"),
-                   TimeRemainingColumn(), disable=not progress_bar, transient=False)
+                   TimeRemainingColumn(), disable=not (progress_bar and dist.main), transient=False)
     model.train()
-    t_last, ex_last = time.perf_counter(), 0
+    t_last, ex_last = time.perf_counter(), state["examples"]
     sums = {"loss": 0.0, "aux": 0.0, "n": 0}
     with bar:
         task = bar.add_task("train", total=n_batches, completed=state["batch"], epoch=state["epoch"] + 1,
@@ -296,22 +342,12 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
                                    epoch=state["epoch"], start_batch=state["batch"], encoder=encoder, keys=keys,
                                    behavior_fields=spec.behaviors)
             for batch in batches:
-                t = to_tensors(encoder.finish(batch), device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(t, *((sampler.sample(), sampler.log_q) if use_aux else ()))
-                    loss_t = F.binary_cross_entropy_with_logits(out["logit"].float(), t["label"])
-                    loss_aux = out["aux"].float() if use_aux else torch.zeros((), device=device)
-                    loss = loss_t + model_cfg.beta * loss_aux
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
+                loss_t, loss_aux = step(batch)
                 state["step"] += 1
                 state["batch"] += 1
                 state["examples"] += len(batch["label"])
-                sums["loss"] += loss_t.item()
-                sums["aux"] += loss_aux.item()
+                sums["loss"] += loss_t
+                sums["aux"] += loss_aux
                 sums["n"] += 1
                 if state["step"] % train_cfg.log_every == 0:
                     now = time.perf_counter()
@@ -326,7 +362,7 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
                     sums = {"loss": 0.0, "aux": 0.0, "n": 0}
                 if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
                     write_log({"step": state["step"], "epoch": state["epoch"],
-                               **_validate(model, encoder, valid, device)})
+                               **_validate(model, encoder, valid, device, dist)})
                 if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
                     state["done"] = True
                     break
@@ -342,20 +378,21 @@ def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: D
                 state["done"] = state["done"] or stop
                 checkpoint()
                 bar.update(task, completed=0, epoch=min(state["epoch"] + 1, train_cfg.epochs))
-    log.close()
-
-    model.load_state_dict(best_state)
-    bundle.save_weights(model, run_dir / "model.safetensors")
+    data.close()
+    if valid is not None:
+        valid.close()
     summary = {"best_val_auc": state["best_auc"] if valid is not None else None,
                "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "steps": state["step"],
                "examples": state["examples"], "train_seconds": state["train_seconds"],
                "examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9), "device": str(device),
-               "aux_loss": use_aux}
-    bundle.write_json(run_dir / "summary.json", summary)
-    bundle.write_manifest(run_dir)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    bundle.mark_latest(run_dir)
-    data.close()
-    if valid is not None:
-        valid.close()
+               "world_size": dist.world, "aux_loss": bool(use_aux)}
+    if dist.main:
+        log.close()
+        model.load_state_dict(best_state)
+        bundle.save_weights(model, run_dir / "model.safetensors")
+        bundle.write_json(run_dir / "summary.json", summary)
+        bundle.write_manifest(run_dir)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        bundle.mark_latest(run_dir)
+    dist.barrier()
     return summary
