@@ -1,0 +1,208 @@
+"""The three ONNX graphs of a DMR model, exported from torch with a dynamic batch.
+
+- ranking:          aligned rows (history + candidate features) -> ctr, logit, r, r_hat
+- user_encoder:     history -> the user-side tensors (hist_emb, mask, u, i2i_keys)
+- candidate_scorer: user-side tensors of U users + user_row [C] + candidate features [C] -> ctr [C], ...
+
+Inputs are named after the batch keys with "/" written "__" ("hist/item" -> "hist__item"): "/" is not a
+valid name everywhere ONNX names travel (TensorRT engine bindings, some runtimes' C identifiers). The
+mapping is recorded in the manifest. The history length T is fixed at the model's max_len (the reader
+always assembles T = max_len slots); only the batch axis is dynamic.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. torch 2.13's default dynamo
+exporter needs the onnxscript package (not a dependency of dmrx), and the TorchScript path takes
+`dynamic_axes` directly, keeps module scopes in node names (which the INT8 exclusion rules read) and
+constant-folds the position embeddings; parity against torch is checked after every export anyway.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from dmrx.errors import DmrxError
+from dmrx.model import DMR
+
+OPSET = 17  # inside ONNX Runtime's range and the ONNX-TensorRT parser's (9..24 for TensorRT 10.15)
+GRAPHS = ("ranking", "user_encoder", "candidate_scorer")
+USER_TENSORS = ("hist_emb", "mask", "u", "i2i_keys")  # what the candidate side reads (u2i_proj is not)
+USER_PREFIX = "user__"  # candidate_scorer's inputs holding user-side tensors: user__hist_emb, ...
+
+
+def onnx_name(key: str) -> str:
+    return key.replace("/", "__")
+
+
+@dataclass
+class GraphSpec:
+    """Which batch keys and tensors a model's graphs read and write."""
+
+    hist_keys: list[str]  # hist/<field> ... and hist_len
+    cand_keys: list[str]  # target/*, profile/*, user_index, context/*, dense/*
+    user_outputs: list[str]  # user-side tensors the encoder emits, in order
+    score_outputs: list[str]  # ctr, logit, r?, r_hat?
+    max_len: int
+    names: dict[str, str] = field(default_factory=dict)  # batch key -> ONNX input name
+
+    @classmethod
+    def of(cls, model: DMR) -> GraphSpec:
+        spec, cfg = model.spec, model.cfg
+        hist = [f"hist/{f}" for f in spec.behaviors] + ["hist_len"]
+        cand = [f"target/{f}" for f in spec.target] + spec.profile_keys()
+        cand += [f"context/{f}" for f in spec.context] + [f"dense/{f}" for f in spec.dense]
+        user = ["hist_emb", "mask"] + ["u"] * cfg.use_u2i + ["i2i_keys"] * cfg.use_i2i
+        score = ["ctr", "logit"] + ["r"] * cfg.use_u2i + ["r_hat"] * cfg.use_i2i
+        names = {k: onnx_name(k) for k in hist + cand}
+        return cls(hist, cand, user, score, cfg.max_len, names)
+
+    def inputs(self, graph: str) -> list[str]:
+        """ONNX input names of a graph, in order."""
+        if graph == "ranking":
+            return [self.names[k] for k in self.hist_keys + self.cand_keys]
+        if graph == "user_encoder":
+            return [self.names[k] for k in self.hist_keys]
+        if graph == "candidate_scorer":
+            return [USER_PREFIX + t for t in self.user_outputs] + ["user_row"] + \
+                [self.names[k] for k in self.cand_keys]
+        raise ValueError(graph)
+
+    def outputs(self, graph: str) -> list[str]:
+        return self.user_outputs if graph == "user_encoder" else self.score_outputs
+
+
+class _Ranking(nn.Module):
+    def __init__(self, model: DMR, gs: GraphSpec):
+        super().__init__()
+        self.model, self.keys, self.outs = model, gs.hist_keys + gs.cand_keys, gs.score_outputs
+
+    def forward(self, *xs: Tensor):
+        out = self.model(dict(zip(self.keys, xs, strict=False)))
+        return _score_tuple(out, self.outs)
+
+
+class _UserEncoder(nn.Module):
+    def __init__(self, model: DMR, gs: GraphSpec):
+        super().__init__()
+        self.model, self.keys, self.outs = model, gs.hist_keys, gs.user_outputs
+
+    def forward(self, *xs: Tensor):
+        user = self.model.encode_user(dict(zip(self.keys, xs, strict=False)))
+        return tuple(user[k] for k in self.outs)
+
+
+class _CandidateScorer(nn.Module):
+    def __init__(self, model: DMR, gs: GraphSpec):
+        super().__init__()
+        self.model, self.user_keys, self.keys, self.outs = model, gs.user_outputs, gs.cand_keys, gs.score_outputs
+
+    def forward(self, *xs: Tensor):
+        n = len(self.user_keys)
+        user = dict(zip(self.user_keys, xs[:n], strict=False))
+        out = self.model.score_grouped(user, xs[n], dict(zip(self.keys, xs[n + 1:], strict=False)))
+        return _score_tuple(out, self.outs)
+
+
+def _score_tuple(out: dict[str, Tensor], names: list[str]) -> tuple[Tensor, ...]:
+    res = {"ctr": torch.sigmoid(out["logit"]), **out}
+    return tuple(res[k] for k in names)
+
+
+def example_inputs(model: DMR, gs: GraphSpec, graph: str, n: int = 3) -> tuple[Tensor, ...]:
+    """Small valid inputs for tracing (index 1 everywhere, full histories)."""
+    T = gs.max_len
+
+    def feat(key: str) -> Tensor:
+        if key.startswith("hist/"):
+            return torch.ones(n, T, dtype=torch.long)
+        if key == "hist_len":
+            return torch.full((n,), T, dtype=torch.long)
+        if key.startswith("dense/"):
+            return torch.zeros(n)
+        return torch.ones(n, dtype=torch.long)
+
+    if graph == "candidate_scorer":
+        with torch.no_grad():
+            user = model.encode_user({k: feat(k) for k in gs.hist_keys})
+        ex = [user[k] for k in gs.user_outputs] + [torch.zeros(n, dtype=torch.long)]
+        return tuple(ex + [feat(k) for k in gs.cand_keys])
+    keys = gs.hist_keys + (gs.cand_keys if graph == "ranking" else [])
+    return tuple(feat(k) for k in keys)
+
+
+def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> onnx.ModelProto:
+    """Trace one graph and return it as an ONNX model (checked by onnx.checker)."""
+    wrapper = {"ranking": _Ranking, "user_encoder": _UserEncoder, "candidate_scorer": _CandidateScorer}[graph]
+    module = wrapper(model, gs).eval()
+    inputs, outputs = gs.inputs(graph), gs.outputs(graph)
+    dyn: dict[str, dict[int, str]] = {}
+    for name in inputs:
+        dyn[name] = {0: "users" if name.startswith(USER_PREFIX) else
+                     ("candidates" if graph == "candidate_scorer" else "batch")}
+    for name in outputs:
+        dyn[name] = {0: "candidates" if graph == "candidate_scorer" else "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
+        torch.onnx.export(module, example_inputs(model, gs, graph), buf, dynamo=False, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dyn, opset_version=opset,
+                          do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.doc_string = f"dmrx {graph} graph"
+    with torch.no_grad():  # the tracer leaves some fixed axes unnamed-symbolic: write the known sizes down
+        ref = module(*example_inputs(model, gs, graph))
+    for v, t in zip(proto.graph.output, ref, strict=False):
+        for axis, d in enumerate(v.type.tensor_type.shape.dim):
+            if axis > 0:
+                d.Clear()
+                d.dim_value = int(t.shape[axis])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def to_feeds(batch: dict[str, np.ndarray], gs: GraphSpec, graph: str) -> dict[str, np.ndarray]:
+    """An encoded batch (after Encoder.finish) -> the ranking or user_encoder graph's feeds."""
+    keys = gs.hist_keys + (gs.cand_keys if graph == "ranking" else [])
+    feeds = {}
+    for k in keys:
+        if k not in batch:
+            raise DmrxError(f"the batch lacks {k!r}, which the {graph} graph reads")
+        dtype = np.float32 if k.startswith("dense/") else np.int64
+        feeds[gs.names[k]] = np.ascontiguousarray(batch[k], dtype=dtype)
+    return feeds
+
+
+def candidate_feeds(user: dict[str, np.ndarray], user_row: np.ndarray, batch: dict[str, np.ndarray],
+                    gs: GraphSpec) -> dict[str, np.ndarray]:
+    """The candidate_scorer's feeds: user-side tensors [U, ...], user_row [C], candidate features [C]."""
+    feeds = {USER_PREFIX + k: np.ascontiguousarray(user[k], dtype=np.float32) for k in gs.user_outputs}
+    feeds["user_row"] = np.ascontiguousarray(user_row, dtype=np.int64)
+    for k in gs.cand_keys:
+        dtype = np.float32 if k.startswith("dense/") else np.int64
+        feeds[gs.names[k]] = np.ascontiguousarray(batch[k], dtype=dtype)
+    return feeds
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+           onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
+           onnx.TensorProto.INT8: "int8"}
+
+
+def describe_io(proto: onnx.ModelProto) -> dict:
+    """{"inputs": [{name, dtype, shape}], "outputs": [...]}: symbolic axes by name, fixed ones as ints."""
+
+    def one(v) -> dict:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    return {"inputs": [one(v) for v in proto.graph.input], "outputs": [one(v) for v in proto.graph.output]}
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
