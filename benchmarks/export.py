@@ -19,9 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 from dmrx.export import gates as G
 from dmrx.export.graphs import GraphSpec, to_feeds
+from dmrx.export.int8 import for_cpu
 from rich.console import Console
 from rich.table import Table
 
@@ -29,11 +31,15 @@ from dmrx import bundle
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
+    """INT8 graphs load through dmrx.export.int8.for_cpu, as every dmrx CPU consumer loads them."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path))
+    if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        model = for_cpu(model)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def rows_per_s(sess: ort.InferenceSession, feeds: dict, seconds: float, rounds: int = 5) -> float:

