@@ -36,6 +36,55 @@ def synthetic(
 
 @app.command()
 @user_errors
+def info(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A dmrx data file (.h5).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+):
+    """Describe a data file: counts, label rate, history lengths, fields by role, size (streamed)."""
+    from rich.table import Table
+
+    from dmrx.data.info import describe
+
+    d = describe(file)
+    if json_out:
+        print_json(d)
+        return
+    table = Table(title=str(file), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    h = d["history"]
+    rows = {
+        "schema version": d["schema_version"],
+        "examples": f"{d['rows']:,}",
+        "sequences": f"{d['sequences']:,}",
+        "behaviours": f"{d['behaviors']:,}",
+        "distinct users": f"{d['users']:,}",
+        "label rate": "no labels" if d["label_rate"] is None else f"{d['label_rate']:.4f}",
+        "mean prob": "absent" if d["mean_prob"] is None else f"{d['mean_prob']:.4f}",
+        "history length": "no examples" if h is None else
+        f"min {h['min']}  mean {h['mean']:.1f}  p50 {h['p50']}  p90 {h['p90']}  max {h['max']}",
+        "empty histories": "-" if h is None else f"{h['empty_share']:.2%}",
+        "file size": _size(d["file_bytes"]),
+    }
+    for role, names in d["fields"].items():
+        if isinstance(names, list):
+            rows[f"fields: {role}"] = ", ".join(names) or "-"
+    for k, v in d["attrs"].items():
+        rows[f"attr {k}"] = v
+    for k, v in rows.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@app.command()
+@user_errors
 def amazon(
     src: Annotated[Path, typer.Argument(
         metavar="DIR", help="Directory with NAME.txt and NAME_item2attributes.json (the S3-Rec layout).")],

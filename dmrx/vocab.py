@@ -33,6 +33,8 @@ class Vocab:
     def encode(self, raw: np.ndarray) -> np.ndarray:
         raw = np.asarray(raw, dtype=np.int64)
         if self._table is not None:
+            if raw.size == 0 or (raw.min() >= 0 and raw.max() < len(self._table)):
+                return self._table[raw]  # the common case: one gather, no masks
             inside = (raw >= 0) & (raw < len(self._table))
             return np.where(inside, self._table[np.where(inside, raw, 0)], 0)
         if not len(self.ids):
@@ -41,8 +43,9 @@ class Vocab:
         return np.where(self.ids[pos] == raw, pos + 1, 0)
 
     def decode(self, index: np.ndarray) -> np.ndarray:
-        """Indices -> raw ids; index 0 (padding/unknown) decodes to -1."""
+        """Indices -> raw ids; index 0 (padding/unknown) and indices past the end decode to -1."""
         index = np.asarray(index, dtype=np.int64)
         if not len(self.ids):
             return np.full_like(index, -1)
-        return np.where(index > 0, self.ids[np.clip(index - 1, 0, len(self.ids) - 1)], -1)
+        known = (index > 0) & (index <= len(self.ids))  # out-of-range indices are unknown too
+        return np.where(known, self.ids[np.clip(index - 1, 0, len(self.ids) - 1)], -1)

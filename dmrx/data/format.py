@@ -179,7 +179,8 @@ class Writer:
             bad = (p < 0) | (p > 1)
             if bad.any():
                 row = int(np.argmax(bad))
-                raise DmrxError(f"{self.path}: examples/prob row {row}: probability {p[row]} is not in [0, 1]")
+                raise DmrxError(f"{self.path}: examples/prob row {row}: probability {p[row]} is not in "
+                                "[0, 1]")
         for name, arr in cols.items():
             if len(arr) != n:
                 raise DmrxError(f"{self.path}: examples/{name} has {len(arr)} rows, examples/seq has {n}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from dmrx.data.format import FORMAT_NAME, GROUPS, SCHEMA_VERSION
 from dmrx.errors import DmrxError
@@ -49,6 +50,7 @@ class DataFile:
         self.path = Path(path)
         if not self.path.exists():
             raise DmrxError(f"{self.path}: no such file")
+        self._datasets: dict[str, h5py.Dataset] = {}
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as e:
@@ -56,7 +58,14 @@ class DataFile:
             raise DmrxError(f"{self.path}: {kind} ({e.__class__.__name__})") from None
         try:
             self._validate()
-        except Exception:
+        except DmrxError:
+            self._h5.close()
+            raise
+        except (OSError, KeyError) as e:  # HDF5 metadata that cannot be read
+            self._h5.close()
+            raise self._err(f"damaged HDF5 file, its structure cannot be read ({e.__class__.__name__}: "
+                            f"{e})") from None
+        except BaseException:
             self._h5.close()
             raise
 
@@ -67,6 +76,7 @@ class DataFile:
         self.close()
 
     def close(self) -> None:
+        self._datasets.clear()
         self._h5.close()
 
     # ---- validation -------------------------------------------------------------------------------
@@ -75,7 +85,10 @@ class DataFile:
 
     def _read(self, name: str, sl=slice(None)) -> np.ndarray:
         try:
-            return self._h5[name][sl]
+            ds = self._datasets.get(name)
+            if ds is None:  # kept open: HDF5's chunk cache lives only as long as the dataset handle
+                ds = self._datasets[name] = self._h5[name]
+            return ds[sl]
         except (OSError, KeyError) as e:
             raise self._err(f"dataset {name}: cannot be read, the file is damaged or truncated "
                             f"({e.__class__.__name__})") from None
@@ -97,18 +110,23 @@ class DataFile:
 
     def _validate(self) -> None:
         h5 = self._h5
-        if h5.attrs.get("dmrx_format") != FORMAT_NAME:
+        fmt = h5.attrs.get("dmrx_format")
+        if isinstance(fmt, bytes):
+            fmt = fmt.decode(errors="replace")
+        if not isinstance(fmt, str) or fmt != FORMAT_NAME:
             raise self._err(f"not a dmrx data file (root attribute dmrx_format is not {FORMAT_NAME!r})")
-        version = int(h5.attrs.get("schema_version", -1))
+        version = h5.attrs.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+            raise self._err(f"root attribute schema_version is {version!r}, expected an integer")
         if version != SCHEMA_VERSION:
             raise self._err(f"schema_version {version} is not supported (this dmrx reads {SCHEMA_VERSION})")
         for group in ("behaviors", "examples"):
-            if group not in h5:
+            if not isinstance(h5.get(group), h5py.Group):
                 raise self._err(f"missing group /{group}")
         beh_fields = tuple(sorted(k for k in h5["behaviors"] if k != "offsets"))
         if not beh_fields:
             raise self._err("/behaviors holds no behaviour field")
-        off = self._check("behaviors/offsets", "iu", None)
+        self._check("behaviors/offsets", "iu", None)
         self.offsets = self._read("behaviors/offsets").astype(np.int64)
         if len(self.offsets) == 0 or self.offsets[0] != 0:
             raise self._err("dataset behaviors/offsets must start with 0")
@@ -118,13 +136,14 @@ class DataFile:
         nnz = int(self.offsets[-1])
         for f in beh_fields:
             self._check(f"behaviors/{f}", "iu", nnz)
-        del off
         n = self._check("examples/seq", "iu", None).shape[0]
         self._check("examples/end", "iu", n)
         self._check("examples/user", "iu", n)
         ex = h5["examples"]
         groups = {}
         for group in GROUPS:
+            if group in ex and not isinstance(ex[group], h5py.Group):
+                raise self._err(f"examples/{group} is a dataset, expected a group of fields")
             names = tuple(sorted(ex[group])) if group in ex else ()
             for f in names:
                 self._check(f"examples/{group}/{f}", "f" if group == "dense" else "iu", n)
@@ -176,46 +195,67 @@ class DataFile:
                 bad = cols["end"] > seq_len
                 if bad.any():
                     row = int(np.argmax(bad))
-                    raise self._err(f"dataset examples/end row {start + row}: end {cols['end'][row]} is beyond "
-                                    f"its sequence of length {seq_len[row]}")
+                    raise self._err(f"dataset examples/end row {start + row}: end {cols['end'][row]} is "
+                                    f"beyond its sequence of length {seq_len[row]}")
         return cols
 
-    def _read_behaviors(self, lo: np.ndarray, hi: np.ndarray, fields, encoder: Encoder | None):
-        """Read the behaviour rows covering every [lo_i, hi_i) as a few contiguous slices.
+    def _histories(self, seq: np.ndarray, end: np.ndarray, max_len: int, fields, encoder: Encoder | None):
+        """What a chunk's examples see: a zero-padded behaviour buffer and, per example, a window start.
 
-        Returns (buffers, shift): buffers[field] has a padding 0 at index 0, and global behaviour row g of
-        example i sits at buffers[field][g - shift[i]].
+        buffer[start[i] : start[i] + max_len, j] is example i's right-aligned history of fields[j], so a
+        batch is one row gather and needs no masking. The buffer holds the behaviour rows the examples see
+        (read as a few contiguous slices; gaps under _MERGE_GAP are read through), opened by max_len zero
+        rows (the window of an empty history), with max_len zero rows also put before the first row of
+        every sequence that some example sees fewer than max_len rows of. Fields are interleaved (one
+        gather fetches them all from the same cache lines) and stored as int32 when the ids fit: batch
+        assembly is bound by random memory access, and this halves the bytes it touches.
+        Returns (buffer [rows, len(fields)], start, length).
         """
-        n = len(lo)
-        shift = np.zeros(n, np.int64)
-        nonempty = hi > lo
-        if not nonempty.any():
-            return {f: np.zeros(1, np.int64) for f in fields}, shift
-        idx = np.flatnonzero(nonempty)
-        order = idx[np.argsort(lo[idx], kind="stable")]
+        length = np.minimum(end, max_len)
+        hi = self.offsets[seq] + end  # one past the most recent visible behaviour, in file rows
+        lo = hi - length
+        start = np.zeros(len(seq), np.int64)  # empty histories keep the opening zeros as their window
+        seen = np.flatnonzero(length > 0)
+        if not len(seen):
+            return np.zeros((max_len, len(fields)), np.int32), start, length
+
+        # Clusters: maximal runs of overlapping or nearby [lo, hi) ranges, each read as one slice.
+        order = seen[np.argsort(lo[seen], kind="stable")]
         slo, shi = lo[order], np.maximum.accumulate(hi[order])
         new = np.ones(len(order), bool)
         new[1:] = slo[1:] > shi[:-1] + _MERGE_GAP
+        first = np.flatnonzero(new)
+        c_lo, c_hi = slo[first], np.maximum.reduceat(shi, first)
+        c_raw = np.concatenate([[0], np.cumsum(c_hi - c_lo)])  # cluster k is raw rows c_raw[k]:c_raw[k+1]
         cluster = np.cumsum(new) - 1
-        c_lo = slo[new]
-        c_hi = np.maximum.reduceat(shi, np.flatnonzero(new))
-        sizes = c_hi - c_lo
-        buf_start = 1 + np.concatenate([[0], np.cumsum(sizes)[:-1]])  # 1: slot 0 is the padding
-        shift[order] = c_lo[cluster] - buf_start[cluster]
-        buffers = {}
+        to_raw = np.zeros(len(seq), np.int64)  # file row + to_raw[i] = raw (unpadded) row, for example i
+        to_raw[order] = c_raw[cluster] - c_lo[cluster]
+
+        # Padding: max_len zero rows before raw row 0 and before each short history's first row.
+        short = seen[length[seen] < max_len]
+        pad = np.zeros(int(c_raw[-1]), np.int64)
+        pad[0] = max_len
+        pad[lo[short] + to_raw[short]] = max_len
+        dest = np.cumsum(pad)
+        dest += np.arange(len(dest))  # padded row of every raw row
+        last = hi[seen] - 1 + to_raw[seen]  # raw row of each example's most recent behaviour
+        start[seen] = dest[last] + 1 - max_len
+
+        parts = {}  # (field, cluster) -> ids
         for f in fields:
-            parts = [np.zeros(1, np.int64)]
-            for a, b in zip(c_lo.tolist(), c_hi.tolist()):
+            for k, (a, b) in enumerate(zip(c_lo.tolist(), c_hi.tolist(), strict=True)):
                 part = self._read(f"behaviors/{f}", slice(a, b)).astype(np.int64, copy=False)
-                if len(part) and part.min() < 0:
-                    raise self._err(f"dataset behaviors/{f} row {a + int(np.argmax(part < 0))}: negative id")
-                parts.append(part)
-            buf = np.concatenate(parts)
-            if encoder is not None:
-                buf = encoder(f"hist/{f}", buf)
-                buf[0] = 0
-            buffers[f] = buf
-        return buffers, shift
+                if part.min() < 0:
+                    raise self._err(f"dataset behaviors/{f} row {a + int(np.argmax(part < 0))}: "
+                                    f"negative id {part.min()}")
+                parts[f, k] = encoder(f"hist/{f}", part) if encoder is not None else part
+        i32 = np.iinfo(np.int32)
+        fits = all(i32.min <= p.min() and p.max() <= i32.max for p in parts.values())
+        dtype = np.int32 if fits else np.int64
+        buffer = np.zeros((int(dest[-1]) + 1, len(fields)), dtype)
+        for (f, k), part in parts.items():
+            buffer[dest[c_raw[k]:c_raw[k + 1]], fields.index(f)] = part
+        return buffer, start, length
 
     def batches(self, batch_size: int = 256, max_len: int = 50, *, shuffle: bool = False, seed: int = 0,
                 epoch: int = 0, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
@@ -226,49 +266,54 @@ class DataFile:
 
         Batches never span chunks, so a batch's index fixes its rows: `start_batch` skips to the batch a
         resumed run stopped at without reading what came before, and `shard=(rank, world)` keeps every
-        world-th batch (disjoint across ranks, nothing lost).
+        world-th batch (disjoint across ranks, nothing lost). `keys` picks example columns ("seq" and
+        "end" are always read; they are not part of the batch) and `behavior_fields` the histories.
+        Arrays of a batch may be views into the chunk it came from: copy before writing into them.
         """
+        rank, world = shard
+        if batch_size < 1 or max_len < 1 or not 0 <= rank < world:
+            raise ValueError(f"need batch_size >= 1, max_len >= 1 and 0 <= rank < world, got {batch_size}, "
+                             f"{max_len} and shard {shard}")
+        fields = list(behavior_fields if behavior_fields is not None else self.fields.behaviors)
+        unknown = sorted(set(fields) - set(self.fields.behaviors))
+        unknown += sorted(set(keys or ()) - set(self.fields.example_keys()))
+        if unknown:
+            raise self._err(f"no such field or column: {', '.join(unknown)}")
+        if keys is not None:
+            keys = ["seq", "end"] + [k for k in keys if k not in ("seq", "end")]
         lo_row, hi_row = row_range or (0, self.n_rows)
         chunk_rows = max(batch_size, (chunk_rows // batch_size) * batch_size)
         starts = np.arange(lo_row, hi_row, chunk_rows)
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         if rng is not None:
             starts = rng.permutation(starts)
-        fields = list(behavior_fields if behavior_fields is not None else self.fields.behaviors)
-        rank, world = shard
         batch_index = 0
-        slots = np.arange(max_len)
         for c0 in starts.tolist():
             c1 = min(c0 + chunk_rows, hi_row)
             n_batches = -(-(c1 - c0) // batch_size)
-            mine = [b for b in range(batch_index, batch_index + n_batches)
-                    if b >= start_batch and b % world == rank]
+            first_batch = batch_index
             batch_index += n_batches
+            mine = [b - first_batch for b in range(max(first_batch, start_batch), batch_index)
+                    if b % world == rank]
+            perm = rng.permutation(c1 - c0) if rng is not None else None  # drawn even for skipped chunks
             if not mine:
-                if rng is not None:
-                    rng.permutation(c1 - c0)  # keep the RNG stream identical to a run that read this chunk
                 continue
             cols = self.read_columns(c0, c1, keys)
-            perm = rng.permutation(c1 - c0) if rng is not None else None
             seq, end = cols.pop("seq"), cols.pop("end")
-            seq_start = self.offsets[seq]
-            length = np.minimum(end, max_len)
-            hi = seq_start + end
-            buffers, shift = self._read_behaviors(hi - length, hi, fields, encoder)
-            last = hi - shift  # one past the most recent behaviour, in buffer coordinates
+            buffer, start, length = self._histories(seq, end, max_len, fields, encoder)
             if encoder is not None:
                 cols = {k: (encoder(k, v) if v.dtype == np.int64 else v) for k, v in cols.items()}
-            first_batch = batch_index - n_batches
+            if perm is not None:  # one gather per column and chunk; batches are then slices
+                cols = {k: v[perm] for k, v in cols.items()}
+                start, length = start[perm], length[perm]
+            cols["hist_len"] = length
+            windows = sliding_window_view(buffer, max_len, axis=0)  # [rows, fields, max_len], no copy
             for b in mine:
-                rows = slice((b - first_batch) * batch_size, min((b - first_batch + 1) * batch_size, c1 - c0))
-                sel = perm[rows] if perm is not None else rows
-                L = length[sel]
-                idx = last[sel, None] - max_len + slots
-                idx[slots < (max_len - L)[:, None]] = 0
-                batch = {k: v[sel] for k, v in cols.items()}
-                for f in fields:
-                    batch[f"hist/{f}"] = buffers[f][idx]
-                batch["hist_len"] = L
+                rows = slice(b * batch_size, min((b + 1) * batch_size, c1 - c0))
+                batch = {k: v[rows] for k, v in cols.items()}
+                hist = windows[start[rows]]  # [B, fields, max_len]
+                for j, f in enumerate(fields):
+                    batch[f"hist/{f}"] = hist[:, j].astype(np.int64)
                 yield batch
 
     def n_batches(self, batch_size: int, chunk_rows: int = 1 << 18) -> int:
