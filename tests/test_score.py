@@ -1,0 +1,233 @@
+"""Batch scoring as a function over numpy batches: grouping, the grouped torch path, prefetch, FLOP counts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dmrx import bundle
+from dmrx.data.prefetch import prefetch
+from dmrx.data.reader import DataFile
+from dmrx.errors import DmrxError
+from dmrx.predict import predict
+from dmrx.score import Scorer, Work, flops_per_candidate, group_rows
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The CPU backend runs one torch thread per worker; give other tests their thread count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run_bundle(tiny_run):
+    return bundle.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def reference(run_bundle, tiny_data):
+    """Per-row torch scores of candidates.h5 (dmrx.predict: the full model over aligned rows)."""
+    with DataFile(tiny_data / "candidates.h5") as f:
+        return predict(run_bundle.model, run_bundle.encoder(), f, batch_size=512)["prob"]
+
+
+def raw_batch(b, path, n=None) -> dict:
+    """Raw-id columns and [B, T] histories of a candidate file, as a Ray/Spark batch would carry them."""
+    with DataFile(path) as f:
+        n = f.n_rows if n is None else n
+        keys = sorted(set(b.spec.batch_keys()) | {"user"})
+        batch = next(f.batches(n, b.model.cfg.max_len, keys=keys, behavior_fields=list(b.spec.behaviors),
+                               row_range=(0, n)))
+        se = f.read_columns(0, n, ["seq", "end"])
+    batch.update(se)
+    return batch
+
+
+def test_group_rows():
+    seq = np.array([3, 3, 1, 3, 1, 2])
+    end = np.array([5, 5, 4, 6, 4, 2])
+    first, inv = group_rows(seq, end)
+    assert len(first) == 4
+    assert (seq[first][inv] == seq).all() and (end[first][inv] == end).all()
+    first, inv = group_rows(np.array([[1, 2], [1, 2], [0, 1]]))
+    assert len(first) == 2 and inv[0] == inv[1] != inv[2]
+    first, inv = group_rows(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert len(first) == 0 and len(inv) == 0
+
+
+def test_score_batch_matches_per_row_reference(run_bundle, tiny_data, reference):
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    assert scorer.describe()["path"].startswith("grouped")
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
+    got = scorer.score_batch(batch)
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    np.testing.assert_allclose(got, reference, atol=1e-6, rtol=0)
+
+
+def test_grouping_shares_user_encodings(run_bundle, tiny_data):
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=200)
+    work, unknown = scorer.prepare(batch)
+    # ~5 candidates per user, all at the end of the user's sequence: one encoding per user
+    assert work.n_candidates == 200 and work.n_users == len(np.unique(batch["user"]))
+    assert set(unknown) >= {"target/item", "hist/item", "user_index"}
+    # without seq/end, identical history rows are grouped instead: same groups, same scores
+    no_se = {k: v for k, v in batch.items() if k not in ("seq", "end")}
+    work2, _ = scorer.prepare(no_se)
+    assert work2.n_users == work.n_users
+    np.testing.assert_array_equal(scorer.score_work(work2), scorer.score_work(work))
+
+
+def test_ragged_histories_and_double_underscore_names(run_bundle, tiny_data):
+    """Spark-style input: '__' for '/', histories as per-row id lists (most recent last), no hist_len."""
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=64)
+    want = scorer.score_batch(batch)
+    T = run_bundle.model.cfg.max_len
+    ragged = {}
+    for k, v in batch.items():
+        if k.startswith("hist/"):
+            ragged[k.replace("/", "__")] = [row[T - n:] for row, n in zip(v, batch["hist_len"], strict=False)]
+        elif k not in ("hist_len", "seq", "end"):
+            ragged[k.replace("/", "__")] = v
+    np.testing.assert_allclose(scorer.score_batch(ragged), want, atol=1e-7, rtol=0)
+    # a longer history than max_len keeps the most recent T
+    long = dict(ragged)
+    long["hist__item"] = [np.concatenate([[7] * 5, np.asarray(s)]) if len(s) == T else s
+                          for s in ragged["hist__item"]]
+    with pytest.raises(DmrxError, match="differs from the other behaviour fields"):
+        scorer.score_batch(long)
+
+
+def test_ray_style_call_adds_score(run_bundle, tiny_data):
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=10)
+    out = scorer(batch)
+    assert set(out) == set(batch) | {"score"} and out["score"].shape == (10,)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda b: b.pop("target/item"), "lacks column"),
+    (lambda b: b.__setitem__("target/item", -b["target/item"] - 1), "row 0: negative id"),
+    (lambda b: b["dense/price"].__setitem__(3, np.nan), "dense/price row 3: not a finite"),
+    (lambda b: b.__setitem__("user", b["user"][:-1]), "shape"),
+    (lambda b: b.pop("hist_len"), "hist_len"),
+])
+def test_prepare_rejects_bad_batches(run_bundle, tiny_data, change, match):
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=8)
+    batch["dense/price"] = batch["dense/price"].copy()
+    change(batch)
+    with pytest.raises(DmrxError, match=match):
+        scorer.score_batch(batch)
+
+
+def test_workers_and_split_give_identical_bytes(run_bundle, tiny_data):
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
+    one = Scorer(run_bundle, backend="torch", threads=1)
+    work, _ = one.prepare(batch)
+    parts = work.split(3)
+    assert sum(p.n_candidates for p in parts) == work.n_candidates
+    whole = np.concatenate([one.score_work(p) for p in parts])
+    two = Scorer(run_bundle, backend="torch", threads=2)
+    assert two.workers == 2
+    again = np.concatenate(list(two.score_works(parts)))
+    np.testing.assert_array_equal(whole, again)  # a batch's bytes do not depend on the worker count
+
+
+def test_grouped_path_equals_reference_path(run_bundle, tiny_data):
+    """The rearranged candidate side against model.score_grouped, on uneven groups (1..many per user)."""
+    from dmrx.score_torch import TorchBackend
+
+    fast = TorchBackend(run_bundle, threads=1)
+    ref = TorchBackend(run_bundle, threads=1, grouped=False)
+    assert fast.grouped is not None and ref.grouped is None
+    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=300)
+    work, _ = scorer.prepare(batch)
+    rng = np.random.default_rng(0)
+    # skewed, shuffled user_row: one user with many candidates, others with one
+    row = np.where(rng.random(work.n_candidates) < 0.5, 0, rng.integers(0, work.n_users, work.n_candidates))
+    skew = Work(work.hist, work.hist_len, row.astype(np.int64), work.cand)
+    np.testing.assert_allclose(fast.score(skew), ref.score(skew), atol=1e-6, rtol=0)
+
+
+def test_int8_close_to_fp32(run_bundle, tiny_data, reference):
+    scorer = Scorer(run_bundle, backend="torch", precision="int8", threads=1)
+    got = scorer.score_batch(raw_batch(run_bundle, tiny_data / "candidates.h5"))
+    assert np.abs(got - reference).max() < 0.02  # documented int8 tolerance (dynamic per-batch scales)
+
+
+def test_cpu_half_precision_is_refused(run_bundle):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DmrxError, match="needs a CUDA GPU"):
+        Scorer(run_bundle, backend="torch", precision="fp16")
+    with pytest.raises(DmrxError, match="--backend must be"):
+        Scorer(run_bundle, backend="tpu")
+
+
+def test_flops_per_candidate(run_bundle):
+    f = flops_per_candidate(run_bundle.model)
+    cfg = run_bundle.model.cfg
+    assert 0 < f["grouped"] < f["full"]
+    model = run_bundle.model
+    d_p = sum(model.tables[model.table_of[k]].embedding_dim for k in run_bundle.spec.profile_keys())
+    # full = grouped + the user side + the profile block of MLP layer 1 (once per user run when grouped)
+    assert f["full"] == f["grouped"] + f["user_side"] + 2 * d_p * cfg.mlp[0]
+    assert f["tanh_per_candidate"] == cfg.max_len * cfg.attn_hidden
+
+
+# ---- prefetch ------------------------------------------------------------------------------------------
+def test_prefetch_order_and_overlap():
+    def slow():
+        for i in range(6):
+            time.sleep(0.02)
+            yield i
+
+    t0 = time.perf_counter()
+    out = []
+    with prefetch(slow(), depth=2) as it:
+        for x in it:
+            time.sleep(0.02)  # "compute" overlaps the next read
+            out.append(x)
+    assert out == list(range(6))
+    assert time.perf_counter() - t0 < 6 * 0.04  # serial would take 0.24 s
+
+
+def test_prefetch_reraises_producer_error_after_good_items():
+    def bad():
+        yield 1
+        yield 2
+        raise DmrxError("dataset examples/x row 9: broken")
+
+    got = []
+    with pytest.raises(DmrxError, match="row 9"):
+        for x in prefetch(bad()):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetch_close_stops_producer():
+    produced = []
+    stop = threading.Event()
+
+    def endless():
+        i = 0
+        while not stop.is_set():
+            produced.append(i)
+            yield i
+            i += 1
+
+    with prefetch(endless(), depth=2) as it:
+        assert next(it) == 0
+    n = len(produced)
+    time.sleep(0.05)
+    assert len(produced) == n <= 4  # bounded read-ahead, and nothing after close
+    stop.set()
