@@ -1,4 +1,4 @@
-"""Quality: train and evaluate DMR and its ablations over seeds; print mean and std.
+"""Quality: train and evaluate DMR, its ablations and the baselines over seeds; print mean and std.
 
 Every choice (epochs via early stopping, options) is made on the validation split; the test split is read
 once per seed, after training. Synthetic data also carries the true click probability, so the share of
@@ -7,16 +7,25 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
     python benchmarks/quality.py --dataset synthetic --seeds 3
     python benchmarks/quality.py --dataset amazon --seeds 3 --variants dmr,din_like
     python benchmarks/quality.py ... --json --markdown results.md
+    python benchmarks/quality.py --variants lr,widedeep,pnn,din,dien,dmr          # like Table 1
+    python benchmarks/quality.py --variants dmr,i2i_only,u2i_only,no_aux,no_position,shared_double  # Table 2
+    python benchmarks/quality.py --users 300 --seeds 1 --epochs 1 --variants lr,dmr  # smoke run
+
+Relative improvement (RI) is computed as the paper's tables do, on the mean test AUC over seeds:
+RI = AUC / AUC_ref - 1 against LR (Table 1) and against DMR (Table 2), whichever of the two is listed
+(against the first variant when neither is). Compare it with the seeds' std: an RI smaller than the
+spread is no evidence of a difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from dmrx.data.reader import DataFile
 from dmrx.metrics import auc, report
@@ -30,45 +39,59 @@ AMAZON = REPO.parent / "shared" / "data" / "amazon-beauty"
 # DMR and the ablations of the paper's Table 2; din_like is DMR without relevance units or positions
 VARIANTS = {
     "dmr": {},
+    # the baselines of the paper's Table 1 (dmrx.baselines), same data path, trainer and evaluation
+    "lr": {"model": "lr"},
+    "widedeep": {"model": "widedeep"},
+    "pnn": {"model": "pnn"},
+    "din": {"model": "din"},
+    "dien": {"model": "dien"},
     "din_like": {"use_u2i": False, "use_position": False, "use_r_hat": False},
     "i2i_only": {"use_u2i": False},
     "u2i_only": {"use_i2i": False},
     "no_aux": {"beta": 0.0},
     "no_position": {"use_position": False},
     "shared_double": {"shared_output": True},
+    # the options whose defaults are chosen by measurement
+    "dmr_sigmoid_ns": {"aux_loss": "sigmoid_ns"},
+    "dmr_din_attention": {"attention": "din"},
+    "dmr_no_user_id": {"use_user_id": False},
 }
 
 
-def prepare(dataset: str, work: Path, data_seed: int) -> tuple[Path, dict]:
-    """Write the dataset's train/valid/test files into work; return the dir and model defaults for it."""
+def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
+            *, users: int | None = None) -> tuple[Path, dict]:
+    """Write the dataset's train/valid/test files into work (kept when already there); return the dir and
+    model defaults for it."""
+    if (work / "test.h5").exists():
+        return work, {"use_user_id": False} if dataset == "amazon" else {}
     if dataset == "synthetic":
         from dmrx.data.synthetic import SyntheticConfig, generate
 
-        generate(work, SyntheticConfig(seed=data_seed))
+        generate(work, SyntheticConfig(seed=data_seed, **({"users": users} if users else {})))
         return work, {}
     if dataset == "amazon":
-        if not AMAZON.exists():
-            raise SystemExit(f"{AMAZON} is absent: the Amazon Beauty benchmark needs ../shared/data/amazon-beauty")
-        from dmrx.data.amazon import convert
+        if not amazon.exists():
+            raise SystemExit(f"{amazon} is absent: the Amazon Beauty benchmark needs ../shared/data/amazon-beauty")
+        from dmrx.data.amazon import import_amazon
 
-        convert(AMAZON, "Beauty", work, seed=data_seed)
+        import_amazon(amazon, "Beauty", work, seed=data_seed)
         return work, {"use_user_id": False}
     raise SystemExit(f"unknown dataset {dataset}")
 
 
-def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path) -> dict:
+def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, device: str = "auto") -> dict:
     cfg = DMRConfig(**variant)
     t0 = time.perf_counter()
     summary = train(data / "train.h5", data / "valid.h5", work / f"run-{seed}", cfg,
-                    TrainConfig(seed=seed, epochs=epochs, patience=1), progress_bar=False)
+                    TrainConfig(seed=seed, epochs=epochs, patience=1, device=device), progress_bar=False)
     seconds = time.perf_counter() - t0
     from dmrx import bundle
 
     b = bundle.load(work / f"run-{seed}")
     with DataFile(data / "test.h5") as f:  # the test split, read once
-        res = predict(b.model, b.encoder(), f)
+        res = predict(b.model.to(summary["device"]), b.encoder(), f, device=summary["device"])
     m = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    out = {"auc": m["auc"], "gauc": m["gauc"], "logloss": m["logloss"], "train_seconds": seconds,
+    out = {"val_auc": summary["best_val_auc"], "auc": m["auc"], "gauc": m["gauc"], "logloss": m["logloss"], "train_seconds": seconds,
            "examples_per_s": summary["examples_per_s"], "epochs": summary["epochs_run"],
            "best_epoch": summary["best_epoch"]}
     if "oracle_auc" in m:
@@ -87,8 +110,8 @@ def summarise(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
     out = {}
     for k in keys:
-        vals = [r[k] for r in runs]
-        out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+        vals = np.array([r[k] for r in runs], np.float64)
+        out[k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
     return out
 
 
@@ -99,6 +122,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="max epochs; early stopping on validation AUC")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--users", type=int, help="synthetic data: number of users (default 10,000; small for smoke runs)")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--data-dir", type=Path, help="keep the prepared data here (reused when present)")
+    ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     args = ap.parse_args()
@@ -108,19 +135,23 @@ def main() -> None:
             raise SystemExit(f"unknown variant {n}; choose from {', '.join(VARIANTS)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data, defaults = prepare(args.dataset, Path(tmp) / "data", args.data_seed)
+        data, defaults = prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
+                                   users=args.users)
         for name in names:
-            runs = [run_one(data, {**defaults, **VARIANTS[name]}, seed, args.epochs, Path(tmp) / name)
+            runs = [run_one(data, {**defaults, **VARIANTS[name]}, seed, args.epochs, Path(tmp) / name, args.device)
                     for seed in range(args.seeds)]
             results[name] = {"runs": runs, "summary": summarise(runs)}
+    refs = [r for r in ("lr", "dmr") if r in results] or [names[0]]
+    for name in names:  # RI as the paper's tables: mean AUC / the reference's mean AUC - 1
+        results[name]["ri"] = {ref: results[name]["summary"]["auc"]["mean"]
+                               / results[ref]["summary"]["auc"]["mean"] - 1 for ref in refs}
     if args.json:
         print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "results": results}, indent=2))
     rows = []
-    base = results[names[0]]["summary"]["auc"]["mean"]
     for name in names:
         s = results[name]["summary"]
         row = {"model": name, "AUC": f"{s['auc']['mean']:.4f} ± {s['auc']['std']:.4f}",
-               "vs first": f"{(s['auc']['mean'] - base) * 100:+.2f} pt",
+               **{f"RI vs {ref}": f"{ri:+.2%}" for ref, ri in results[name]["ri"].items()},
                "gAUC": f"{s['gauc']['mean']:.4f}", "logloss": f"{s['logloss']['mean']:.4f}"}
         if "gap_closed" in s:
             row["oracle gap closed"] = f"{s['gap_closed']['mean']:.1%}"
