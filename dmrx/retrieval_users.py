@@ -196,6 +196,32 @@ class HistoryReader:
         return batch, seen
 
 
+def _check_export(path: Path, bundle) -> None:
+    """The exported graph must come from this run's weights: checked against the export manifest (its
+    source weights hash and the graph's sha256) when the export wrote one."""
+    import json
+
+    mpath = path.parent / "manifest.json"
+    if not mpath.exists():
+        return
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DmrxError(f"{mpath}: damaged export manifest (not valid JSON)") from None
+    source = (manifest.get("source") or {}).get("weights_sha256")
+    if source is not None and source != bundle.weights_hash:
+        raise DmrxError(
+            f"{path.parent}: exported from other weights than {bundle.path}/model.safetensors; "
+            f"re-export with `dmrx export {bundle.path}` or use --backend torch"
+        )
+    digest = ((manifest.get("artifacts") or {}).get(path.name) or {}).get("sha256")
+    if digest is not None:
+        from dmrx.bundle import sha256
+
+        if sha256(path) != digest:
+            raise DmrxError(f"{path}: damaged, its sha256 does not match {mpath}")
+
+
 class UserEncoder:
     """History batch -> u [B, d_v] float32, with torch (the run's model) or onnxruntime (the exported
     user_encoder graph, RUN/export/user_encoder.onnx)."""
@@ -219,6 +245,7 @@ class UserEncoder:
                     f"{path}: not there; the onnxruntime backend uses the exported user encoder "
                     f"(run `dmrx export {bundle.path}` first, or use --backend torch)"
                 )
+            _check_export(path, bundle)
             import onnxruntime as ort
 
             so = ort.SessionOptions()

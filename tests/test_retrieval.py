@@ -194,6 +194,42 @@ def test_index_build_users_and_latest_history(run, built, index, tiny_data):
     assert set(built["figures"]["int8_recall"]) == {"10", "50", "100"}
 
 
+def test_index_user_vectors_and_seen_items(run, index, tiny_data):
+    """Each user's stored u and seen items come from its longest visible history (read independently here)."""
+    import h5py
+
+    from dmrx import bundle
+    from dmrx.data.reader import DataFile
+    from dmrx.predict import to_tensors
+
+    b = bundle.load(run)
+    enc = b.encoder()
+    vocab = b.vocabs[b.spec.table_of()["target/item"]]
+    with DataFile(tiny_data / "test.h5") as f:  # test rows see the longest histories of the tiny data
+        cols = f.read_columns(0, f.n_rows, ["user", "seq", "end"])
+        offsets = f.offsets
+        keys = ["seq", "end"] + sorted(set(b.spec.batch_keys()))
+        batches = list(f.batches(64, b.model.cfg.max_len, encoder=enc, keys=keys, behavior_fields=b.spec.behaviors))
+    with h5py.File(tiny_data / "test.h5", "r") as h5:
+        items = h5["behaviors/item"][:]
+    hist = {k: np.concatenate([bt[k] for bt in batches]) for k in batches[0]}
+    checked = 0
+    for row in np.flatnonzero(cols["end"] > 0)[:40].tolist():
+        user, seq, end = int(cols["user"][row]), int(cols["seq"][row]), int(cols["end"][row])
+        r = int(index.user_rows([user])[0])
+        if int(cols["end"][cols["user"] == user].max()) != end:
+            continue  # not this user's longest history
+        raw = items[offsets[seq] : offsets[seq] + end]
+        want = np.unique(vocab.encode(raw))
+        want = want[want > 0] - 1
+        np.testing.assert_array_equal(index.seen(np.array([r]))[0], want)
+        with torch.no_grad():
+            u = b.model.encode_user(to_tensors({k: hist[k][row : row + 1] for k in hist if k.startswith("hist")}))
+        np.testing.assert_allclose(index.user_vectors[r], u["u"][0].numpy(), atol=1e-6)
+        checked += 1
+    assert checked >= 5
+
+
 def test_retrieve_one_user_matches_brute_force(run, index):
     uid = int(index.users[3])
     res = invoke("retrieve", run, "--user", uid, "--topk", 20, "--format", "json")
@@ -390,4 +426,12 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
     onnx_index = load_index(run)
     assert onnx_index.manifest["backend"] == "onnxruntime"
     np.testing.assert_allclose(onnx_index.user_vectors, index.user_vectors, atol=1e-5)
+    stale = run / "export" / "manifest.json"
+    kept = stale.read_text() if stale.exists() else None
+    stale.write_text(json.dumps({"source": {"weights_sha256": "0" * 64}}))
+    assert_clean_error(invoke("index", "build", run, "--backend", "onnxruntime"), "exported from other weights")
+    if kept is None:
+        stale.unlink()
+    else:
+        stale.write_text(kept)
     assert invoke("index", "build", run).exit_code == 0  # back to the torch index for later tests
