@@ -11,7 +11,9 @@ a skewed pool of 200k items, context pid and dense price. Written once to --file
 
 The model is, unless --run names a trained one, a freshly initialised DMR of the default DMRConfig
 (embed 32, T = 50, additive attention 64, MLP 512-256-128) with vocabularies covering the file's ids:
-the arithmetic per row is what matters for throughput, not the weights.
+the arithmetic per row is what matters for throughput, not the weights. With --export the run is
+exported (FP32, FP16 and INT8 graphs; quality gates off, the weights being random) so that the
+onnxruntime configurations are timed as well.
 
 Every configuration is timed end to end through `dmrx.score.score_file` (read, encode, score, commit,
 write the output), after loading the model; naive scoring is torch eager, the full model on one row at a
@@ -60,6 +62,7 @@ def make_file(path: Path, rows: int, per_user: int, mean_len: int, seed: int = 0
             target = rng.choice(pool, len(user))
             w.add_examples(
                 seq=first + user - u0, end=lengths[user], user=user + 1,
+                label=(rng.random(len(user)) < 0.05).astype(np.int8),  # for export's quality gates only
                 profile={"gender": rng.integers(1, 3, users)[user], "age": (user % 7) + 1,
                          "shopping": (user % 3) + 1},
                 target={"item": target, "cate": item_cate[target], "brand": item_brand[target]},
@@ -116,7 +119,9 @@ def peak_gflops(threads: int, n: int = 4096, repeat: int = 3) -> float:
 
 
 def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
-    """Full model, one row at a time, torch eager: the rows of one sampled batch, timed per row."""
+    """Full model, one row at a time, torch eager: the rows of one sampled batch, timed per row.
+
+    One torch thread (per-row ops are too small to split; more threads only add synchronisation)."""
     import torch
 
     from dmrx.data.reader import DataFile
@@ -131,12 +136,15 @@ def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
         batch = enc.finish(batch)
     rows = [{k: v[i:i + 1] for k, v in batch.items() if k != "user"} for i in range(n)]
     model = b.model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.inference_mode():
         model(to_tensors(rows[0]))
         t0, c0 = time.perf_counter(), time.process_time()
         for r in rows:
             torch.sigmoid(model(to_tensors(r))["logit"])
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    torch.set_num_threads(threads)
     return {"rows_timed": n, "wall_s": wall, "cpu_s": cpu, "rows_per_s": n / wall, "rows_per_cpu_s": n / cpu}
 
 
@@ -183,11 +191,17 @@ def main(argv=None) -> None:
     ap.add_argument("--per-user", type=int, default=20, help="candidates per user")
     ap.add_argument("--mean-len", type=int, default=60, help="mean behaviours per user")
     ap.add_argument("--file", type=Path, default=None, help="candidate file (default /tmp/dmrx-bench-score-ROWS.h5)")
-    ap.add_argument("--run", type=Path, default=None, help="a trained run (default: a fresh default-size model)")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a run to score with; a fresh default-size model is written there when it does not exist "
+                         "(default: one in the temp directory)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--naive-rows", type=int, default=300, help="rows timed for the naive path")
     ap.add_argument("--only", default=None, help="comma-separated backend:precision pairs to time")
+    ap.add_argument("--export", action="store_true",
+                    help="export the run (FP32, FP16, INT8; gates off) when it has no export, so onnxruntime "
+                         "(and TensorRT, with --engine) configurations are timed too")
+    ap.add_argument("--engine", action="store_true", help="with --export: also build TensorRT engines")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
 
@@ -204,7 +218,18 @@ def main(argv=None) -> None:
         make_file(path, args.rows, args.per_user, args.mean_len)
         wrote = time.perf_counter() - t0
     users = max(1, args.rows // args.per_user)
-    run = args.run or make_run(Path(tempfile.gettempdir()) / f"dmrx-bench-score-run-{users}", path, users)
+    run = args.run or Path(tempfile.gettempdir()) / f"dmrx-bench-score-run-{users}"
+    if not (run / "manifest.json").exists():
+        make_run(run, path, users)
+    fresh = "freshly initialised" in (run / "summary.json").read_text()
+    export_s = None
+    if args.export and not (run / "export" / "manifest.json").exists():
+        from dmrx.export.pipeline import ExportOptions, export_run
+
+        t0 = time.perf_counter()
+        export_run(run, ExportOptions(fp16=True, int8=True, calib_data=path, eval_data=path, eval_rows=20_000,
+                                      gate=False, engine="tensorrt" if args.engine else None))
+        export_s = time.perf_counter() - t0
     b, export_dir = load_model(run)
     flops = flops_per_candidate(b.model)
     peak = peak_gflops(args.threads)
@@ -224,7 +249,8 @@ def main(argv=None) -> None:
     best = max(ok, key=lambda r: r["rows_per_s"]) if ok else None
     summary = {
         "file": str(path), "rows": args.rows, "per_user": args.per_user, "write_s": wrote,
-        "model": "trained run " + str(args.run) if args.run else "freshly initialised DMRConfig() (default size)",
+        "export_s": export_s, "export": str(export_dir) if export_dir else None,
+        "model": "freshly initialised DMRConfig() (default size)" if fresh else f"trained run {run}",
         "model_config": b.model.cfg.to_json(), "threads": args.threads, "batch_size": args.batch_size,
         "cpu": _cpu_name(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "flops_per_candidate": flops, "peak_gflops_fp32_matmul": peak, "naive": naive, "configs": results,
@@ -258,15 +284,15 @@ def _print(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=max(Console().width, 140))
     f = s["flops_per_candidate"]
     t = Table(title=f"dmrx score: {s['rows']:,} candidates, ~{s['per_user']} per user, {s['threads']} threads, "
                     f"batch {s['batch_size']}; {s['model']}")
     for col in ("configuration", "path", "rows/s (wall)", "rows/CPU-s", "vs naive", "GFLOP/s", "% of peak"):
         t.add_column(col, justify="left" if col in ("configuration", "path") else "right")
     naive = s["naive"]
-    t.add_row("naive: torch eager, one row at a time", f"full model per row ({naive['rows_timed']} rows timed, "
-              "extrapolated)", f"{naive['rows_per_s']:,.0f}", f"{naive['rows_per_cpu_s']:,.0f}", "1.0x",
+    t.add_row("naive torch eager", f"full model, 1 row/call ({naive['rows_timed']} rows timed)",
+              f"{naive['rows_per_s']:,.0f}", f"{naive['rows_per_cpu_s']:,.0f}", "1.0x",
               f"{naive['rows_per_s'] * f['full'] / 1e9:.1f}",
               f"{100 * naive['rows_per_s'] * f['full'] / 1e9 / s['peak_gflops_fp32_matmul']:.1f}")
     for r in s["configs"]:
@@ -274,9 +300,11 @@ def _print(s: dict) -> None:
         if "error" in r:
             t.add_row(name, r["error"][:60], "-", "-", "-", "-", "-")
             continue
-        path = r.get("path") or ""
+        path = (r.get("path") or "").split(" ")[0]
         if r.get("providers"):
-            path = f"{path} [{', '.join(r['providers'])}]"
+            path = "+".join(p.replace("ExecutionProvider", "") for p in r["providers"])
+        elif r.get("device"):
+            path = f"{path} {r['device']}"
         g = r["rows_per_s"] * f["grouped"] / 1e9
         t.add_row(name, path[:60], f"{r['rows_per_s']:,.0f}", f"{r['rows_per_cpu_s']:,.0f}",
                   f"{r['rows_per_s'] / naive['rows_per_s']:.1f}x", f"{g:.1f}",

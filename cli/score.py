@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from dmrx.cli.common import console, err_console, print_json, user_errors
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
+from dmrx.cli.common import console, err_console, print_json, user_errors
 from dmrx.errors import DmrxError
 
 

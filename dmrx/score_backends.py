@@ -195,9 +195,21 @@ class OrtBackend:
         so.inter_op_num_threads = 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
+        def session(path: Path):
+            if precision == "int8" and not gpu:
+                # as every dmrx CPU consumer: INT8 graphs arranged for the CPU kernels at load (gather INT8
+                # rows then dequantize; float-bias Gemm weights dequantized once) - dmrx.export.int8.for_cpu
+                import onnx
+
+                from dmrx.export.int8 import for_cpu
+
+                return ort.InferenceSession(for_cpu(onnx.load(str(path))).SerializeToString(), so,
+                                            providers=providers)
+            return ort.InferenceSession(str(path), so, providers=providers)
+
         try:
-            self.user = ort.InferenceSession(str(files["user_encoder"]), so, providers=providers)
-            self.cand = ort.InferenceSession(str(files["candidate_scorer"]), so, providers=providers)
+            self.user = session(files["user_encoder"])
+            self.cand = session(files["candidate_scorer"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise DmrxError(f"{export_dir}: onnxruntime cannot load the {precision} graphs "
                             f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None

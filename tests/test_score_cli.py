@@ -13,9 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from dmrx.cli.app import app
 from typer.testing import CliRunner
 
+from dmrx.cli.app import app
 from dmrx.data.format import Writer
 from dmrx.score import TEST_KILL_ENV, score_file
 
