@@ -203,6 +203,7 @@ def main(argv=None) -> None:
                          "(and TensorRT, with --engine) configurations are timed too")
     ap.add_argument("--engine", action="store_true", help="with --export: also build TensorRT engines")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--save", type=Path, default=None, help="also write the JSON here, after every configuration")
     args = ap.parse_args(argv)
 
     import torch
@@ -236,6 +237,14 @@ def main(argv=None) -> None:
     naive = naive_rows_per_s(b, path, args.naive_rows)
     wanted = None if args.only is None else {tuple(x.split(":")) for x in args.only.split(",")}
     results = []
+    summary = {
+        "file": str(path), "rows": args.rows, "per_user": args.per_user, "write_s": wrote,
+        "export_s": export_s, "export": str(export_dir) if export_dir else None,
+        "model": "freshly initialised DMRConfig() (default size)" if fresh else f"trained run {run}",
+        "model_config": b.model.cfg.to_json(), "threads": args.threads, "batch_size": args.batch_size,
+        "cpu": _cpu_name(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "flops_per_candidate": flops, "peak_gflops_fp32_matmul": peak, "naive": naive, "configs": results,
+    }
     with tempfile.TemporaryDirectory(prefix="dmrx-bench-score-") as tmp:
         for backend, precision in configs(b, export_dir):
             if wanted is not None and (backend, precision) not in wanted:
@@ -245,16 +254,10 @@ def main(argv=None) -> None:
             except Exception as e:  # a configuration that cannot run here is reported, not fatal
                 r = {"backend": backend, "precision": precision, "error": f"{e.__class__.__name__}: {e}"}
             results.append(r)
+            if args.save:
+                args.save.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     ok = [r for r in results if "rows_per_s" in r]
     best = max(ok, key=lambda r: r["rows_per_s"]) if ok else None
-    summary = {
-        "file": str(path), "rows": args.rows, "per_user": args.per_user, "write_s": wrote,
-        "export_s": export_s, "export": str(export_dir) if export_dir else None,
-        "model": "freshly initialised DMRConfig() (default size)" if fresh else f"trained run {run}",
-        "model_config": b.model.cfg.to_json(), "threads": args.threads, "batch_size": args.batch_size,
-        "cpu": _cpu_name(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "flops_per_candidate": flops, "peak_gflops_fp32_matmul": peak, "naive": naive, "configs": results,
-    }
     if best:
         achieved = best["rows_per_s"] * flops["grouped"] / 1e9
         summary["best"] = {"config": f"{best['backend']} {best['precision']}", "rows_per_s": best["rows_per_s"],
@@ -262,6 +265,8 @@ def main(argv=None) -> None:
                            "gflops_achieved": achieved, "fraction_of_peak": achieved / peak,
                            "goal_100k_rows_per_s": best["rows_per_s"] >= 100_000,
                            "goal_10x_naive": best["rows_per_s"] >= 10 * naive["rows_per_s"]}
+    if args.save:
+        args.save.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.json:
         sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
         return
