@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typer
-from dmrx.cli import data, export, retrieve, score, train
+from dmrx.cli import data, export, report, retrieve, score, train
 
 app = typer.Typer(
     help="dmrx: train, export, score and serve Deep Match to Rank (DMR) CTR models.",
@@ -17,6 +17,7 @@ app.command("score")(score.score)
 app.add_typer(retrieve.index_app, name="index")
 app.command("retrieve")(retrieve.retrieve)
 app.command("export")(export.export)
+app.command("report")(report.report)
 
 
 def _not_yet(name: str, issue: str):
