@@ -190,15 +190,26 @@ class Int8Search:
         """Shortlist rows [B, <= length] by int8 score (may include padded rows >= n)."""
         kb = min(length, self.n_blocks)
         ki = min(length, kb * BLOCK)
-        blocks, within = self._sess.run(
-            None, {"query": self.quantize(users), "k_blocks": np.array([kb]), "k_items": np.array([ki])}
-        )
-        return np.take_along_axis(blocks, within // BLOCK, axis=1) * BLOCK + within % BLOCK
+        step = max(1, (1 << 24) // (self.n_blocks * BLOCK))  # the int32 scores of a call stay <= 64 MB
+        out = []
+        for s in range(0, len(users), step):
+            feeds = {"query": self.quantize(users[s : s + step]), "k_blocks": np.array([kb]), "k_items": np.array([ki])}
+            blocks, within = self._sess.run(None, feeds)
+            out.append(np.take_along_axis(blocks, within // BLOCK, axis=1) * BLOCK + within % BLOCK)
+        return np.concatenate(out) if out else np.zeros((0, ki), np.int64)
 
     def search(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         users = _as_queries(users, self.dim)
         k = _check_k(k, self.n)
-        cand = self.candidates(users, max(self.shortlist, 4 * k))
+        length = max(self.shortlist, 4 * k)
+        step = max(1, (1 << 22) // (length * self.dim))  # re-rank gathers stay <= 16 MB
+        parts = [self._search(users[s : s + step], k, length) for s in range(0, len(users), step)]
+        if not parts:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _search(self, users: np.ndarray, k: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        cand = self.candidates(users, length)
         valid = cand < self.n
         vec = self.items[np.where(valid, cand, 0)]  # [B, L, d]
         exact = np.einsum("bld,bd->bl", vec, users)

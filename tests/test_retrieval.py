@@ -63,6 +63,9 @@ def test_int8_two_stage_recall_and_exact_scores():
     assert recall(rows, exact) >= 0.99
     np.testing.assert_allclose(scores, np.einsum("bkd,bd->bk", V[rows], U), rtol=1e-5, atol=1e-5)  # fp32 re-rank
     assert s.codes.dtype == np.int8 and s.codes.nbytes < V.nbytes / 3
+    many = rng.standard_normal((300, 32)).astype(np.float32)  # several re-rank blocks of users
+    rows, _ = Int8Search(V, shortlist=4096).search(many, 10)
+    assert rows.shape == (300, 10) and recall(rows, ExactSearch(V).search(many, 10)[0]) >= 0.99
 
 
 def test_search_rejects_bad_k_and_shapes():
