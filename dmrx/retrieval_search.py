@@ -118,9 +118,8 @@ class Int8Search:
     name = "int8"
 
     def __init__(self, items: np.ndarray, shortlist: int = 1024, threads: int = 0):
-        import onnxruntime as ort
-
         self.items = np.ascontiguousarray(items, dtype=np.float32)
+        self.threads = int(threads)
         self.n, self.dim = self.items.shape
         self.shortlist = int(shortlist)
         scale = np.abs(self.items).max(axis=0) / 127.0
@@ -129,12 +128,24 @@ class Int8Search:
         codes = np.zeros((self.n_blocks * BLOCK, self.dim), np.int8)  # padded rows score 0, dropped later
         codes[: self.n] = np.clip(np.rint(self.items / self.scale), -127, 127)
         self.codes = codes
+        self._open()
+
+    def _open(self) -> None:
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
-        so.intra_op_num_threads = int(threads)
+        so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
         self._sess = ort.InferenceSession(
-            self._graph(codes).SerializeToString(), so, providers=["CPUExecutionProvider"]
+            self._graph(self.codes).SerializeToString(), so, providers=["CPUExecutionProvider"]
         )
+
+    def __getstate__(self) -> dict:  # picklable (Ray, Spark): the session is rebuilt on arrival
+        return {k: v for k, v in self.__dict__.items() if k != "_sess"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     @staticmethod
     def _graph(codes: np.ndarray):
@@ -275,6 +286,12 @@ class HnswSearch:
 
     def save(self, path) -> None:
         faiss_module().write_index(self.index, str(path))
+
+    def __getstate__(self) -> dict:  # picklable (Ray, Spark)
+        return {"index": faiss_module().serialize_index(self.index), "ef_search": self.ef_search}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(faiss_module().deserialize_index(state["index"]), state["ef_search"])
 
     def search(self, users: np.ndarray, k: int, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         faiss = faiss_module()

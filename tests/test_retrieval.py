@@ -104,6 +104,27 @@ def test_hnsw_search():
     assert (np.diff(scores, axis=1) <= 1e-6).all()
 
 
+def test_searchers_pickle_for_ray_and_spark():
+    """Searchers travel to workers by pickle and search the same there."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    V = rng.standard_normal((2000, 8)).astype(np.float32)
+    U = rng.standard_normal((5, 8)).astype(np.float32)
+    searchers = [ExactSearch(V), Int8Search(V, shortlist=256)]
+    try:
+        from dmrx.retrieval_search import HnswSearch
+
+        searchers.append(HnswSearch.build(V, ef_search=64))
+    except Exception:  # noqa: BLE001 -- faiss is optional
+        pass
+    for s in searchers:
+        rows, scores = s.search(U, 7)
+        rows2, scores2 = pickle.loads(pickle.dumps(s)).search(U, 7)
+        np.testing.assert_array_equal(rows, rows2)
+        np.testing.assert_allclose(scores, scores2)
+
+
 def test_metrics_by_hand():
     from dmrx.retrieval_eval import metrics_from_hits
 
