@@ -30,7 +30,7 @@ index_app = typer.Typer(
 
 RunArg = Annotated[
     Path | None,
-    typer.Argument(metavar="[RUN]", help="Run directory (default: the most recent run).", show_default=False),
+    typer.Argument(metavar="RUN", help="Run directory (default: the most recent run).", show_default=False),
 ]
 
 
@@ -105,7 +105,7 @@ def build(
         ),
     ] = None,
     ann: Annotated[
-        str, typer.Option(help="none (exact search only) or hnsw (faiss HNSW, the [faiss] extra).")
+        str, typer.Option(help="none (exact search only) or hnsw (faiss HNSW: pip install dmrx\\[faiss]).")
     ] = "none",
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime (uses RUN/export/user_encoder.onnx).")] = "torch",
     ef_search: Annotated[

@@ -251,7 +251,7 @@ def faiss_module():
     try:
         import faiss
     except ImportError:
-        raise DmrxError("HNSW needs faiss, the optional extra: pip install 'dmrx[faiss]' (or faiss-cpu)") from None
+        raise DmrxError("HNSW needs faiss, dmrx's optional faiss extra: pip install faiss-cpu") from None
     return faiss
 
 

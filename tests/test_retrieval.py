@@ -335,6 +335,13 @@ def test_retrieve_all_to_h5_and_users_file(run, index, tmp_path):
     assert_clean_error(invoke("retrieve", run, "--users", ufile), "line 2", "'abc' is not an integer")
 
 
+def test_hnsw_without_faiss_is_a_clean_error(run, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    assert_clean_error(invoke("index", "build", run, "--ann", "hnsw"), "HNSW needs faiss", "pip install faiss-cpu")
+
+
 def test_missing_index_is_built_first(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("index", "export"))
