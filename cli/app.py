@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from dmrx.cli import data, export, report, retrieve, score, train
 
 app = typer.Typer(

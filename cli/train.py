@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
 from rich.table import Table
 
+from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
 from dmrx.errors import DmrxError
 
 
@@ -39,6 +39,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Training file (default ./train.h5, generated if absent).")] = None,
     valid: Annotated[Path | None, typer.Option(help="Validation file (default ./valid.h5 when present).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML config with 'model' and 'train' sections.")] = None,
+    model: Annotated[str | None, typer.Option(help="dmr, lr, widedeep, pnn, din or dien (overrides config).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<timestamp>).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training data (max).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; CPU runs are deterministic for a seed.")] = None,
@@ -55,6 +56,9 @@ def train(
     overrides = {"epochs": epochs, "seed": seed, "device": device, "batch_size": batch_size,
                  "max_steps": max_steps}
     model_cfg, train_cfg = load_config(config, overrides)
+    if model is not None:
+        model_cfg.model = model
+        model_cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (out is None or (data is None and not resume)):
         # every rank must agree on these without talking: a timestamped name or generated data would race
         raise DmrxError("under torchrun, name the run directory with --out and the training file with --data")

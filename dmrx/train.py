@@ -1,6 +1,6 @@
 """Training: one loop for CPU and GPU, resumable from any checkpoint, writing a self-contained run bundle.
 
-Embedding tables take sparse gradients and a lazy optimiser (SparseAdam): a step only touches the rows
+Embedding tables take sparse gradients and a lazy optimiser (dmrx.optim.LazyAdam): a step only touches the rows
 its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
 Checkpoints hold model, both optimisers, step, RNG states and the data position (epoch, batch), and land
 atomically (a new directory, then a pointer file), so a run killed at any moment resumes to the same result.
@@ -33,6 +33,7 @@ from dmrx.errors import DmrxError
 from dmrx.features import Encoder, declare, fit
 from dmrx.metrics import auc
 from dmrx.model import DMR, DMRConfig
+from dmrx.optim import LazyAdam
 from dmrx.predict import predict, to_tensors
 
 
@@ -128,7 +129,7 @@ def _optimizers(model: DMR, lr: float):
     sparse = [p for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
     ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in ids]
-    return torch.optim.Adam(dense, lr=lr), torch.optim.SparseAdam(sparse, lr=lr)
+    return torch.optim.Adam(dense, lr=lr), LazyAdam(sparse, lr=lr)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
