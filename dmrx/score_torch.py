@@ -13,6 +13,8 @@ grouped path here computes the same function from the same weights, rearranged:
 - The first MLP layer splits by input block: the profile block (profile fields and user id) is constant
   for a user's run of candidates, so W1_p x_p is computed once per run of identical profile values and
   added as a bias; only the target-dependent rest goes through the per-candidate GEMM.
+- On CPU in fp32 the attention itself runs in a fused C kernel (dmrx.score_kernel: one loop per candidate,
+  no [T, h] intermediate) when a C compiler is available, else in torch ops as above.
 - int8 (CPU): the MLP's linear layers run as dynamically quantised int8 GEMMs (fbgemm/oneDNN, VNNI where
   the CPU has it); the attention stays fp32.
 
@@ -82,8 +84,9 @@ def _runs(cols: Tensor) -> tuple[Tensor, Tensor]:
 class GroupedCandidates(nn.Module):
     """DMR's candidate side (additive attention) over users encoded once: see the module docstring."""
 
-    def __init__(self, model: DMR, int8: bool = False, block_elems: int = 1 << 18):
+    def __init__(self, model: DMR, int8: bool = False, block_elems: int = 1 << 18, kernel: bool = False):
         super().__init__()
+        self.kernel = kernel  # the fused C kernel (dmrx.score_kernel) for the I2I attention on CPU fp32
         cfg, spec = model.cfg, model.spec
         if cfg.attention != "additive":
             raise ValueError("the grouped path implements the additive attention only")
@@ -150,6 +153,10 @@ class GroupedCandidates(nn.Module):
         B = x_t.shape[0]
         q = att.w_q(x_t) if att.w_q is not None else x_t.new_zeros(B, H)
         z = att.z.weight.reshape(H, 1)
+        if self.kernel and not keys.is_cuda and keys.dtype == torch.float32:
+            from dmrx import score_kernel
+
+            return score_kernel.i2i(keys, e, mask, q, z, user_row)
         g, vuser, slot = self._layout(user_row, U)
         V = vuser.shape[0]
         q_pad = q.new_zeros(V * g, H)
@@ -211,7 +218,9 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, bundle, precision: str = "fp32", device: str | None = None, threads: int | None = None,
-                 grouped: bool = True):
+                 grouped: bool = True, kernel: bool = True):
+        kernel_ok = kernel
+        self.kernel_note: str | None = None
         self.device = pick_device(device)
         self.precision = precision
         cuda = self.device.type == "cuda"
@@ -242,8 +251,22 @@ class TorchBackend:
         if grouped and model.cfg.attention == "additive":
             fast = GroupedCandidates(model).eval()
             if self._agrees(fast):
-                self.grouped = GroupedCandidates(model, int8=True).eval() if precision == "int8" else fast
-                self.path = "grouped (virtual-user attention, profile bias once per run)"
+                kernel = False
+                if kernel_ok and not cuda:
+                    from dmrx import score_kernel
+
+                    if score_kernel.load() is not None:
+                        fast.kernel = True
+                        fast.kernel = kernel = self._agrees(fast)
+                        if not kernel:
+                            warnings.warn("dmrx score: the fused I2I kernel disagrees with torch on a check "
+                                          "batch; using torch ops", RuntimeWarning, stacklevel=2)
+                    self.kernel_note = score_kernel.reason
+                if precision == "int8":
+                    fast = GroupedCandidates(model, int8=True, kernel=kernel).eval()
+                self.grouped = fast
+                self.path = ("grouped, fused C attention kernel" if kernel else "grouped, torch attention") + \
+                    (", int8 MLP" if precision == "int8" else "")
             else:
                 warnings.warn("dmrx score: the grouped torch path disagrees with model.score_grouped on a "
                               "check batch; using the reference path", RuntimeWarning, stacklevel=2)
@@ -311,6 +334,8 @@ class TorchBackend:
     def describe(self) -> dict:
         d = {"backend": "torch", "precision": self.precision, "device": str(self.device),
              "path": self.path}
+        if self.kernel_note:
+            d["kernel"] = self.kernel_note
         if self.device.type == "cpu":
             d["threads"] = self.threads
         else:

@@ -231,3 +231,67 @@ def test_prefetch_close_stops_producer():
     time.sleep(0.05)
     assert len(produced) == n <= 4  # bounded read-ahead, and nothing after close
     stop.set()
+
+
+# ---- the fused I2I kernel ------------------------------------------------------------------------------
+def _attention_inputs(scale: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    U, T, H, D, B = 6, 20, 16, 24, 40
+    keys = torch.randn(U, T, H, generator=gen) * scale
+    e = torch.randn(U, T, D, generator=gen)
+    lengths = torch.tensor([0, 1, 5, 20, 13, 20])
+    mask = (torch.arange(T)[None, :] >= (T - lengths)[:, None]).float()
+    q = torch.randn(B, H, generator=gen) * scale
+    z = torch.randn(H, generator=gen)
+    row = torch.randint(0, U, (B,), generator=gen)
+    return keys, e, mask, q, z, row
+
+
+def _attention_reference(keys, e, mask, q, z, row):
+    from dmrx.model import masked_softmax
+
+    a = torch.tanh(keys[row] + q[:, None, :]) @ z
+    m = mask[row]
+    return torch.bmm(masked_softmax(a, m > 0).unsqueeze(1), e[row]).squeeze(1), (a * m).sum(-1)
+
+
+@pytest.mark.parametrize("scale, exp_form", [(0.5, True), (0.5, False), (3.0, True), (3.0, False), (30.0, None)])
+def test_kernel_matches_torch_attention(scale, exp_form):
+    from dmrx import score_kernel
+
+    if score_kernel.load() is None:
+        pytest.skip(f"kernel unavailable here: {score_kernel.reason}")
+    args = _attention_inputs(scale)
+    u_ref, r_ref = _attention_reference(*args)
+    u, r = score_kernel.i2i(*args, exp_form=exp_form)
+    assert u.shape == u_ref.shape and r.shape == r_ref.shape
+    tol = 2e-5 * max(1.0, float(r_ref.abs().max()))
+    assert (u - u_ref).abs().max() <= 2e-5 and (r - r_ref).abs().max() <= tol
+    assert u[args[5] == 0].abs().max() == 0  # an empty history attends to nothing
+
+
+def test_scoring_with_and_without_kernel_agree(run_bundle, tiny_data, reference, monkeypatch):
+    from dmrx import score_kernel
+
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
+    with_kernel = Scorer(run_bundle, backend="torch", threads=1)
+    if score_kernel.load() is None:
+        pytest.skip(f"kernel unavailable here: {score_kernel.reason}")
+    assert "kernel" in with_kernel.describe()["path"]
+    monkeypatch.setenv("DMRX_SCORE_KERNEL", "0")
+    without = Scorer(run_bundle, backend="torch", threads=1)
+    assert without.describe()["path"] == "grouped, torch attention"
+    assert without.describe()["kernel"] == "disabled by DMRX_SCORE_KERNEL=0"
+    a, b = with_kernel.score_batch(batch), without.score_batch(batch)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a, reference, atol=1e-6, rtol=0)
+
+
+def test_kernel_build_failures_are_reported_not_raised(tmp_path):
+    from dmrx import score_kernel
+
+    lib, why = score_kernel.build(None, tmp_path)
+    assert lib is None and "no C compiler" in why
+    lib, why = score_kernel.build("/bin/false", tmp_path)
+    assert lib is None and "failed" in why
+    assert list(tmp_path.glob("*.so")) == []
