@@ -67,7 +67,9 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "dmrx", "train", "--data", str(tiny_data / "train.h5"), "--valid",
            str(tiny_data / "valid.h5"), "--config", str(_config(tmp_path)), "--out", str(killed),
            "--epochs", "2", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    # one thread, like this process (conftest): float reductions must run in the same order to compare bits
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     deadline = time.time() + 120
     pointer = killed / "checkpoints" / "LATEST"
     while time.time() < deadline and proc.poll() is None:
