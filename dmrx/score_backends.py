@@ -115,9 +115,11 @@ def auto_backend(export_dir: Path | None, precision: str, device: str | None) ->
             return "tensorrt", "cuda"
         if precision in ("fp32", "fp16", "bf16"):
             return "torch", device or "cuda"
-        if _onnx_files(export_dir, precision):
+        import onnxruntime as ort
+
+        if _onnx_files(export_dir, precision) and "CUDAExecutionProvider" in ort.get_available_providers():
             return "onnxruntime", device or "cuda"
-        return "torch", "cpu"  # int8 on CPU
+        return "torch", "cpu"  # int8 on the CPU
     if precision in ("fp32", "int8"):
         return "torch", "cpu"
     if precision == "fp16" and _onnx_files(export_dir, precision):

@@ -198,10 +198,10 @@ class GroupedCandidates(nn.Module):
             first, row = _runs(torch.stack([cand[k] for k in self.prof_keys], dim=1))
             x_p = self._embed({k: cand[k].index_select(0, first) for k in self.prof_keys}, self.prof_keys)
             if self.int8:
-                pre = self.first(x) + (x_p @ self.w1_p).index_select(0, row)
+                pre = self.first(x).add_((x_p @ self.w1_p).index_select(0, row))
             else:
-                bias = torch.addmm(self.first.bias, x_p, self.w1_p).index_select(0, row)
-                pre = torch.addmm(bias, x, self.first.weight.t())
+                pre = torch.addmm(self.first.bias, x_p, self.w1_p).index_select(0, row)
+                pre.addmm_(x, self.first.weight.t())  # in place: no second [B, h1] buffer
         else:
             pre = self.first(x)
         h = F.prelu(pre, self.first_slope)
