@@ -21,13 +21,13 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from dmrx.export import gates as G
-from dmrx.export.graphs import GraphSpec, to_feeds
-from dmrx.export.int8 import for_cpu
 from rich.console import Console
 from rich.table import Table
 
 from dmrx import bundle
+from dmrx.export import gates as G
+from dmrx.export.graphs import GraphSpec, to_feeds
+from dmrx.export.int8 import for_cpu
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
@@ -65,13 +65,15 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per precision and batch size")
+    ap.add_argument("--run", type=Path, help="the source run (default: the one the manifest names)")
+    ap.add_argument("--data", type=Path, help="rows to time on (default: the export's held-out file)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     manifest = json.loads((args.export_dir / "manifest.json").read_text())
-    b = bundle.load(manifest["source"]["run"])
+    b = bundle.load(args.run or manifest["source"]["run"])
     gs = GraphSpec.of(b.model)
-    data = manifest.get("quality_data", {}).get("path")
+    data = args.data or manifest.get("quality_data", {}).get("path")
     rows = G.sample_rows(Path(data) if data else None, b.encoder(), b.model, max(args.batch))
     precisions = [p for p in ("fp32", "fp16", "int8") if (args.export_dir / _name(p)).exists()]
     sessions = {p: _session(args.export_dir / _name(p), args.threads) for p in precisions}

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from dmrx.cli.common import console, err_console, print_json, user_errors
 from rich.table import Table
 
+from dmrx.cli.common import console, err_console, print_json, user_errors
 from dmrx.errors import DmrxError
 
 
@@ -55,7 +55,7 @@ def export(
     calib_data: Annotated[Path | None, typer.Option(
         help="Calibration data (default: the run's training file).")] = None,
     calib_rows: Annotated[int, typer.Option(min=1, help="Rows to calibrate on.")] = 4096,
-    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile.")] = "minmax",
+    calib_method: Annotated[str, typer.Option(help="minmax, entropy or percentile (99.999th).")] = "percentile",
     eval_data: Annotated[Path | None, typer.Option(
         help="Held-out labelled data for the quality gates (default: the run's validation file).")] = None,
     eval_rows: Annotated[int, typer.Option(min=1, help="Held-out rows the quality gates read (at most).")] = 100_000,

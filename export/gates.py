@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 
 from dmrx.data.reader import DataFile
+from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 from dmrx.features import Encoder
 from dmrx.metrics import auc, logloss
 from dmrx.model import DMR
@@ -49,6 +49,7 @@ class Gate:
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     """A CPU session; INT8 graphs are loaded through int8.for_cpu (exact, faster on CPU)."""
     import onnx
+
     from dmrx.export.int8 import for_cpu
 
     opts = ort.SessionOptions()

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+from dmrx import bundle
 from dmrx.calibration import (
     DataFileReader,
     RangeCache,
@@ -15,12 +17,10 @@ from dmrx.calibration import (
     precision_report,
     report_table,
 )
+from dmrx.errors import DmrxError
 from dmrx.export import int8
 from dmrx.export.gates import session
 from dmrx.export.graphs import GraphSpec, export_graph
-
-from dmrx import bundle
-from dmrx.errors import DmrxError
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from dmrx import bundle
 from dmrx.cli.app import app
 from dmrx.export import gates as G
 from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 from dmrx.export.lint import lint
 from dmrx.export.pipeline import ExportOptions, GateFailure, export_run
-from safetensors.numpy import load_file
-from typer.testing import CliRunner
-
-from dmrx import bundle
 
 runner = CliRunner()
 
@@ -343,3 +343,31 @@ def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
     a = ort.InferenceSession(stored.SerializeToString(), providers=["CPUExecutionProvider"]).run(["ctr"], feeds)[0]
     c = ort.InferenceSession(cpu.SerializeToString(), providers=["CPUExecutionProvider"]).run(["ctr"], feeds)[0]
     assert np.abs(a - c).max() <= 1e-4
+
+
+# ---- the gates themselves, on a model big enough for them to mean something -------------------------------
+@pytest.mark.slow
+def test_every_gate_passes_on_a_trained_model(tmp_path_factory):
+    """A 2,000-user synthetic set, 250 training steps: held-out AUC well above 0.5, vocabularies large
+    enough that embedding tables dominate the file (as in real data). The export runs gated, so any
+    missed gate raises; the assertions below restate the thresholds from the manifest."""
+    from dmrx.data.synthetic import SyntheticConfig, generate
+    from dmrx.model import DMRConfig
+    from dmrx.train import TrainConfig, train
+
+    data = tmp_path_factory.mktemp("gate_data")
+    generate(data, SyntheticConfig(users=2000, items=3000, cates=50, brands=300, mean_len=30, max_len=80,
+                                   impressions_per_user=15, candidates_per_user=2, seed=3))
+    run = tmp_path_factory.mktemp("gate_runs") / "run"
+    train(data / "train.h5", data / "valid.h5", run,
+          DMRConfig(embed_dim=16, attn_hidden=32, mlp=(64, 32), num_negatives=200, max_len=30),
+          TrainConfig(epochs=1, batch_size=128, max_steps=250, log_every=50), progress_bar=False)
+    out = tmp_path_factory.mktemp("gate_export") / "e"
+    m = export_run(run, ExportOptions(out=out, fp16=True, int8=True, check_tensorrt=True, calib_rows=2048))
+    assert m["gates_passed"] and m["gated"] and "gate_override" not in m
+    g = {x["name"]: x for x in m["gates"]}
+    assert g["fp32_parity"]["value"] <= 1e-5
+    assert g["fp16_auc_ranking"]["value"] <= 0.0005 and g["int8_auc_ranking"]["value"] <= 0.001
+    assert g["int8_logloss_ranking"]["value"] <= 0.005 and g["int8_size"]["value"] <= 0.40
+    assert m["quality"]["fp32"]["rows"] >= 1000 and m["quality"]["fp32"]["auc"] > 0.55
+    assert _manifest(out)["gates_passed"]
