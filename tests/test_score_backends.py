@@ -28,7 +28,7 @@ def export_dir(tiny_run, tmp_path_factory):
     except ImportError as e:
         pytest.skip(f"dmrx export is not available yet ({e})")
     out = tmp_path_factory.mktemp("score_export") / "export"
-    export_run(tiny_run, ExportOptions(out=out))
+    export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, gate=False))
     return out
 
 
@@ -47,8 +47,21 @@ def test_onnxruntime_fp32_matches_torch(tiny_data, tiny_run, export_dir, tmp_pat
 def test_onnxruntime_reports_the_provider_that_runs(tiny_run, export_dir):
     s = Scorer(export_dir, backend="onnxruntime")
     assert s.describe()["providers"] == s.backend.cand.get_providers()
-    with pytest.raises(DmrxError, match="int8"):
-        Scorer(export_dir, backend="onnxruntime", precision="int8")  # exported without --int8
+    with pytest.raises(DmrxError, match="bf16"):
+        Scorer(export_dir, backend="onnxruntime", precision="bf16")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_onnxruntime_reduced_precision_close_to_fp32(tiny_data, tiny_run, export_dir, tmp_path, precision):
+    """The export's FP16 / INT8 graphs score close to FP32 (their quality gates are the export's job)."""
+    cand = tmp_path / "cand.h5"
+    shutil.copyfile(tiny_data / "candidates.h5", cand)
+    score_file(cand, tiny_run, tmp_path / "t.h5", backend="torch")
+    s = score_file(cand, export_dir, tmp_path / "o.h5", backend="onnxruntime", precision=precision)
+    assert s["precision"] == precision and precision in s["path"]
+    with h5py.File(tmp_path / "t.h5") as a, h5py.File(tmp_path / "o.h5") as b:
+        assert b.attrs["precision"] == precision
+        assert np.abs(a["score"][:] - b["score"][:]).max() < 0.05
 
 
 def test_onnxruntime_needs_an_export(tiny_run):
