@@ -71,8 +71,9 @@ def main() -> None:
         # 1. training with mixed precision
         run = tmp / "run"
         summary = train(tmp / "train.h5", tmp / "valid.h5", run, DMRConfig(),
-                        TrainConfig(device=args.device, max_steps=args.steps, epochs=100, log_every=max(args.steps // 10, 1),
-                                    checkpoint_every=10 ** 9), progress_bar=False)
+                        TrainConfig(device=args.device, max_steps=args.steps, epochs=100,
+                                    log_every=max(args.steps // 10, 1), checkpoint_every=10 ** 9),
+                        progress_bar=False)
         losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(x)]
         check("train: loss first -> last logged", f"{losses[0]:.4f} -> {losses[-1]:.4f}", losses[-1] < losses[0])
