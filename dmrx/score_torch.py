@@ -87,6 +87,7 @@ class GroupedCandidates(nn.Module):
     def __init__(self, model: DMR, int8: bool = False, block_elems: int = 1 << 18, kernel: bool = False):
         super().__init__()
         self.kernel = kernel  # the fused C kernel (dmrx.score_kernel) for the I2I attention on CPU fp32
+        self.mlp_rows = 1024  # CPU row block of the MLP: [1024, 512] fp32 activations are 2 MiB (L2)
         cfg, spec = model.cfg, model.spec
         if cfg.attention != "additive":
             raise ValueError("the grouped path implements the additive attention only")
@@ -194,16 +195,25 @@ class GroupedCandidates(nn.Module):
             v = model._v_out(cand[f"target/{model.cfg.match_field}"])
             parts.append((user["u"].index_select(0, user_row) * v).sum(dim=-1, keepdim=True))
         x = torch.cat(parts, dim=-1)
+        prof = None
         if self.d_p:
             first, row = _runs(torch.stack([cand[k] for k in self.prof_keys], dim=1))
             x_p = self._embed({k: cand[k].index_select(0, first) for k in self.prof_keys}, self.prof_keys)
-            if self.int8:
-                pre = self.first(x).add_((x_p @ self.w1_p).index_select(0, row))
-            else:
-                pre = torch.addmm(self.first.bias, x_p, self.w1_p).index_select(0, row)
-                pre.addmm_(x, self.first.weight.t())  # in place: no second [B, h1] buffer
-        else:
+            prof = (x_p @ self.w1_p if self.int8 else torch.addmm(self.first.bias, x_p, self.w1_p), row)
+        # the MLP in row blocks: a block's activations stay in cache from one layer to the next
+        step = x.shape[0] if x.is_cuda else self.mlp_rows
+        return torch.cat([self._mlp(x[s:s + step], prof, s) for s in range(0, x.shape[0], step)])
+
+    def _mlp(self, x: Tensor, prof: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+        if prof is None:
             pre = self.first(x)
+        else:
+            p, row = prof
+            bias = p.index_select(0, row[start:start + x.shape[0]])
+            if self.int8:
+                pre = self.first(x).add_(bias)
+            else:
+                pre = bias.addmm_(x, self.first.weight.t())  # in place: no second [rows, h1] buffer
         h = F.prelu(pre, self.first_slope)
         for lin, slope in zip(self.tail, self.tail_slopes, strict=False):
             h = lin(h)
