@@ -342,6 +342,21 @@ def test_hnsw_without_faiss_is_a_clean_error(run, monkeypatch):
     assert_clean_error(invoke("index", "build", run, "--ann", "hnsw"), "HNSW needs faiss", "pip install faiss-cpu")
 
 
+@pytest.mark.parametrize("name", ["recs.h5", "recs.csv", "recs.jsonl"])
+def test_many_users_output_is_atomic(tmp_path, name):
+    from dmrx.cli.retrieve import _Sink
+
+    out = tmp_path / name
+    sink = _Sink(out, "csv", 2, 3, {"run": "r", "k": 3})
+    sink.write(np.array([1]), np.array([[4, 5, -1]]), np.array([[0.5, 0.25, -np.inf]], np.float32))
+    sink.close(ok=False)  # interrupted: nothing appears, nothing temporary is left
+    assert list(tmp_path.iterdir()) == []
+    sink = _Sink(out, "csv", 1, 3, {"run": "r", "k": 3})
+    sink.write(np.array([1]), np.array([[4, 5, -1]]), np.array([[0.5, 0.25, -np.inf]], np.float32))
+    sink.close(ok=True)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 def test_missing_index_is_built_first(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("index", "export"))
