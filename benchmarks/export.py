@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
@@ -27,19 +26,16 @@ from rich.table import Table
 from dmrx import bundle
 from dmrx.export import gates as G
 from dmrx.export.graphs import GraphSpec, to_feeds
-from dmrx.export.int8 import for_cpu
+from dmrx.export.int8 import cpu_session
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    """INT8 graphs load through dmrx.export.int8.for_cpu, as every dmrx CPU consumer loads them."""
+    """INT8 graphs load through dmrx.export.int8.cpu_session, as every dmrx CPU consumer loads them."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    model = onnx.load(str(path))
-    if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
-        model = for_cpu(model)
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, opts)
 
 
 def rows_per_s(sess: ort.InferenceSession, feeds: dict, seconds: float, rounds: int = 5) -> float:

@@ -47,19 +47,14 @@ class Gate:
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; INT8 graphs are loaded through int8.for_cpu (exact, faster on CPU)."""
-    import onnx
-
-    from dmrx.export.int8 import for_cpu
+    """A CPU session; INT8 graphs are arranged for CPU kernels at load (int8.cpu_session)."""
+    from dmrx.export.int8 import cpu_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    model = onnx.load(str(path))
-    if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
-        return ort.InferenceSession(for_cpu(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return cpu_session(path, opts)
 
 
 def _keys(encoder: Encoder, label: bool) -> list[str]:

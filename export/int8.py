@@ -1,11 +1,11 @@
 """Static INT8 with Q/DQ nodes (onnxruntime.quantization.quantize_static, QuantFormat.QDQ).
 
 What is quantized, and what is kept out:
-- MatMul/Gemm nodes whose weight (input 1) is an initializer and whose activation input is read only
-  by such nodes: INT8 weights and INT8 activations on their inputs (see select_nodes for why the
-  shared-input projections stay FP32). Activation-by-activation matmuls (the attention-weighted
-  sums, whose left operand is a softmax output in [0, 1]) stay FP32: no weight to shrink, and 8 bits
-  would flatten the attention.
+- MatMul/Gemm nodes whose weight (input 1) is an initializer: INT8 weights and INT8 activations on
+  their inputs, each through its own Q -> DQ (dedicate_activation_qdq: the form ONNX Runtime fuses into
+  integer kernels; other readers of the same tensor read it unrounded). Activation-by-activation
+  matmuls (the attention-weighted sums, whose left operand is a softmax output in [0, 1]) stay FP32:
+  no weight to shrink, and 8 bits would flatten the attention.
 - Gather nodes reading an embedding table (an initializer): the table is stored INT8 (weight-only for
   the file size; ONNX Runtime drops the DQ -> Gather -> Q pair and gathers INT8 rows directly).
 - Kept out: the padding-mask fill (Where), the softmax (ReduceMax/Exp/Div...), the final logit Gemm
@@ -52,56 +52,131 @@ def final_logit_node(model: onnx.ModelProto, output: str = "logit") -> str | Non
     return None
 
 
-def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """(nodes to quantize, nodes to exclude) for a dmrx FP32 graph.
+def _mixed_input(n: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Whether a matmul's activation is a Concat of unlike features (anything besides embedding lookups)."""
+    src = producer.get(n.input[0])
+    if src is None or src.op_type != "Concat":
+        return False
+    return any(producer.get(x) is None or producer[x].op_type != "Gather" for x in src.input)
 
-    A weight MatMul/Gemm is left FP32 when its activation input is also read by a node that stays
-    FP32 (the behaviour features e_t feed both the attention projections and the attention-weighted
-    sums; the target features feed w_q and the MLP's concat): ONNX Runtime's CPU QDQ fusion then keeps
-    the matmul in float behind a Q/DQ pair that only adds work (measured: with them quantized the INT8
-    graph ran at ~0.7x FP32; without, faster than FP32)."""
+
+def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(nodes to quantize, nodes to exclude) for a dmrx FP32 graph: every embedding Gather and every
+    weight MatMul/Gemm except the final logit and the weight-only ones (weight_only_nodes)."""
     inits = {t.name for t in model.graph.initializer}
     exclude = [n for n in [final_logit_node(model)] if n]
-    gathers, matmuls = [], []
+    producer = {o: n for n in model.graph.node for o in n.output}
+    quant = []
     for n in model.graph.node:
         if n.name in exclude:
             continue
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits:
-            matmuls.append(n)
+            if not _mixed_input(n, producer):
+                quant.append(n.name)
         elif n.op_type == "Gather" and n.input[0] in inits:
-            gathers.append(n)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
-    mm_names = {n.name for n in matmuls}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    quant = [n.name for n in gathers]
-    for n in matmuls:
-        if not all(c.name in mm_names for c in consumers.get(n.input[0], [])):
-            continue
-        src = producer.get(n.input[0])
-        if src is not None and src.op_type == "Concat":
-            continue  # weight-only: see weight_only_nodes
-        quant.append(n.name)
+            quant.append(n.name)
     return quant, exclude
 
 
 def weight_only_nodes(model: onnx.ModelProto) -> list[str]:
-    """Weight MatMul/Gemm nodes reading a concatenation of different features (the MLP's input layer:
+    """Weight MatMul/Gemm nodes reading a concatenation of unlike features (the MLP's input layer:
     embeddings of ~0.05, r and r_hat of up to tens, standardised dense fields). One per-tensor INT8 scale
     over such a mix rounds the small features to zero (measured: |ΔAUC| 0.009 on a 2,000-user model),
     so these get INT8 weights (DQ on the weight only) and keep FP32 activations."""
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     final = final_logit_node(model)
-    out = []
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name != final
+            and len(n.input) > 1 and n.input[1] in inits and _mixed_input(n, producer)]
+
+
+def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
+    """Give each quantized matmul its own Q -> DQ of its activation, and let every other reader of that
+    activation read the float tensor itself.
+
+    quantize_static shares one Q -> DQ between all readers of a tensor; the behaviour features e_t, for
+    one, feed the attention projections (quantized) and the attention-weighted sums (FP32). ONNX
+    Runtime fuses DQ -> MatMul <- DQ into an integer kernel only when the Q output reaches nothing else,
+    so with the pair shared the projections ran in float behind an extra Q/DQ (INT8 at ~0.7x FP32 on
+    CPU). The FP32 readers also stop seeing a rounded copy. Returns the number of rewired readers."""
+    from onnx import helper
+
+    init_of = {t.name: t for t in model.graph.initializer}
+    inits = set(init_of)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.name != final and len(n.input) > 1 and n.input[1] in inits:
-            src = producer.get(n.input[0])
-            if src is not None and src.op_type == "Concat":
-                out.append(n.name)
-    return out
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    outputs = {v.name for v in model.graph.output}
+
+    def quantized_matmul(n: onnx.NodeProto, x: str) -> bool:
+        if n.op_type not in ("MatMul", "Gemm") or n.input[0] != x or len(n.input) < 2:
+            return False
+        w = producer.get(n.input[1])
+        return w is not None and w.op_type == "DequantizeLinear" and w.input[0] in inits
+
+    new_nodes: dict[int, list[onnx.NodeProto]] = {}
+    rewired = 0
+    for q in list(model.graph.node):
+        if q.op_type != "QuantizeLinear" or q.input[0] in inits:
+            continue
+        dqs = [d for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"]
+        if len(dqs) != len(consumers.get(q.output[0], [])):
+            continue
+        readers = [(d, u) for d in dqs for u in consumers.get(d.output[0], [])]
+        mms = [(d, u) for d, u in readers if quantized_matmul(u, d.output[0])]
+        if not mms or any(d.output[0] in outputs for d in dqs):
+            continue
+        if len(mms) == len(readers) == 1:
+            continue
+        for d, u in readers:
+            if (d, u) in mms:
+                continue
+            for j, x in enumerate(u.input):
+                if x == d.output[0]:
+                    u.input[j] = q.input[0]  # FP32 readers take the unrounded tensor
+                    rewired += 1
+        added = []
+        for k, (_d, u) in enumerate(mms):
+            if k == 0 and len(dqs) == 1:
+                continue  # the original pair serves the first matmul
+            tag = f"{q.output[0]}__{k}"
+            # own copies of scale and zero point: ONNX Runtime's common-subexpression pass would merge
+            # a Q reading the same tensors back into one Q feeding two DQs, undoing the split
+            params = []
+            for j, x in enumerate(q.input[1:]):
+                t = onnx.TensorProto()
+                t.CopyFrom(init_of[x])
+                t.name = f"{tag}_p{j}"
+                model.graph.initializer.append(t)
+                params.append(t.name)
+            added.append(helper.make_node("QuantizeLinear", [q.input[0], *params], [tag + "_q"], name=tag + "_Q"))
+            added.append(helper.make_node("DequantizeLinear", [tag + "_q", *params], [tag + "_dq"],
+                                          name=tag + "_DQ"))
+            u.input[0] = tag + "_dq"
+            rewired += 1
+        new_nodes[id(q)] = added
+    if rewired:
+        nodes = []
+        for n in model.graph.node:
+            nodes.append(n)
+            nodes.extend(new_nodes.get(id(n), []))
+        # drop DQ (and Q) nodes nobody reads any more
+        while True:
+            used = {x for n in nodes for x in n.input} | outputs
+            keep = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                    or any(o in used for o in n.output)]
+            if len(keep) == len(nodes):
+                break
+            nodes = keep
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {x for n in nodes for x in n.input}
+        dead = [t for t in model.graph.initializer if t.name not in used]
+        for t in dead:
+            model.graph.initializer.remove(t)
+    return rewired
 
 
 def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
@@ -170,13 +245,13 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
     finally:
         ort_log.setLevel(level)
     woq = weight_only_nodes(model)
-    if woq:
-        qmodel = onnx.load(str(out_path))
-        add_weight_only(qmodel, woq)
-        onnx.checker.check_model(qmodel)
-        onnx.save(qmodel, str(out_path))
+    qmodel = onnx.load(str(out_path))
+    add_weight_only(qmodel, woq)
+    rewired = dedicate_activation_qdq(qmodel)
+    onnx.checker.check_model(qmodel)
+    onnx.save(qmodel, str(out_path))
     return {"method": method, "cache_hit": hit, "quantized_nodes": len(quant), "excluded_nodes": exclude,
-            "weight_only_nodes": woq,
+            "weight_only_nodes": woq, "rewired_readers": rewired,
             "rows": None if hit else getattr(reader, "rows_read", None), "per_channel": per_channel,
             "symmetric": True, "format": "QDQ"}
 
@@ -184,7 +259,9 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
 def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same INT8 graph arranged for ONNX Runtime's CPU kernels: DQ(table) -> Gather becomes
     Gather(INT8 table) -> DQ, so a call dequantizes only the rows it gathers instead of whole tables;
-    a Gemm's DQ(weight) (float bias: never fused into an integer kernel) is dequantized once at load.
+    a quantized Gemm (float bias: ONNX Runtime fuses no integer kernel for it) becomes DQ -> MatMul <- DQ
+    plus the bias Add (fused into MatMulIntegerToFloat when the session disables MatMulAddFusion, as
+    cpu_session does); a weight-only Gemm's DQ(weight) is dequantized once at load.
 
     Same numbers up to float rounding (a per-tensor DequantizeLinear commutes with Gather; a folded
     weight is the DQ's own output; measured max CTR difference 3e-5). The stored artifact keeps the standard
@@ -198,6 +275,7 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     for n in g.node:
         for x in n.input:
             consumers.setdefault(x, []).append(n)
+    producer = {o: n for n in g.node for o in n.output}
     drop, replace, folded = set(), {}, []
     for n in g.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
@@ -208,8 +286,31 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
             continue  # per-axis or non-constant scales: leave as is
         users = consumers.get(n.output[0], [])
         if users and all(u.op_type == "Gemm" and u.input[1] == n.output[0] for u in users):
-            # a Gemm whose bias stays float is not fused into an integer kernel by ONNX Runtime: it runs
-            # in float on DQ(weight) anyway, so dequantize that weight once here instead of every call
+            gemm_attrs = [{a.name: helper.get_attribute_value(a) for a in u.attribute} for u in users]
+            dq_act = [u.input[0] in producer and producer[u.input[0]].op_type == "DequantizeLinear" for u in users]
+            if len(users) == 1 and dq_act[0] and gemm_attrs[0].get("transA", 0) == 0 and \
+                    gemm_attrs[0].get("alpha", 1.0) == 1.0 and gemm_attrs[0].get("beta", 1.0) == 1.0:
+                # a quantized Gemm with a float bias: ONNX Runtime fuses no integer kernel for it, but
+                # does for DQ -> MatMul <- DQ (MatMulIntegerToFloat) followed by the bias Add
+                u = users[0]
+                w = numpy_helper.to_array(inits[n.input[0]])
+                if gemm_attrs[0].get("transB", 0):
+                    w = np.ascontiguousarray(w.T)
+                wname = n.input[0] + "__kn"
+                folded.append(numpy_helper.from_array(w, wname))
+                mm_out = u.output[0] + "__mm"
+                nodes_for = [helper.make_node("DequantizeLinear", [wname, *n.input[1:]], [wname + "_dq"],
+                                              name=wname + "_DQ"),
+                             helper.make_node("MatMul", [u.input[0], wname + "_dq"],
+                                              [mm_out if len(u.input) > 2 and u.input[2] else u.output[0]],
+                                              name=u.name + "__MatMul")]
+                if len(u.input) > 2 and u.input[2]:
+                    nodes_for.append(helper.make_node("Add", [mm_out, u.input[2]], list(u.output),
+                                                      name=u.name + "__Add"))
+                replace[id(u)] = nodes_for
+                drop.add(id(n))
+                continue
+            # weight-only (float activation): dequantize the weight once here instead of every call
             w = numpy_helper.to_array(inits[n.input[0]]).astype(np.float32)
             scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
             folded.append(numpy_helper.from_array(w * scale, n.output[0]))
@@ -237,4 +338,20 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(folded)
+    used = {x for n in nodes for x in n.input}
+    for t in [t for t in out.graph.initializer if t.name not in used]:
+        out.graph.initializer.remove(t)
     return out
+
+
+def cpu_session(model: onnx.ModelProto | str | os.PathLike, options=None):
+    """An ONNX Runtime CPU session for any dmrx graph; INT8 ones go through for_cpu, with
+    MatMulAddFusion off so that the quantized MLP layers keep their integer kernels."""
+    import onnxruntime as ort
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(for_cpu(model).SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["MatMulAddFusion"])
