@@ -305,7 +305,7 @@ def _print(s: dict) -> None:
         if "error" in r:
             t.add_row(name, r["error"][:60], "-", "-", "-", "-", "-")
             continue
-        path = (r.get("path") or "").split(" ")[0]
+        path = (r.get("path") or "").replace("fused C attention kernel", "C attention kernel")
         if r.get("providers"):
             path = "+".join(p.replace("ExecutionProvider", "") for p in r["providers"])
         elif r.get("device"):
