@@ -59,11 +59,22 @@ def _progress(enabled: bool = True):
         yield task
 
 
-def _build(run: Path | None, data, ann, backend, ef_search, json_out: bool):
+def _build(
+    run: Path | None, data, ann, backend, ef_search, json_out: bool, hnsw_m: int = 32, ef_construction: int = 128
+):
     from dmrx.retrieval import build_index
 
     with _progress() as progress:
-        return build_index(run, data=data, ann=ann, backend=backend, ef_search=ef_search, progress=progress)
+        return build_index(
+            run,
+            data=data,
+            ann=ann,
+            backend=backend,
+            ef_search=ef_search,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
+            progress=progress,
+        )
 
 
 def _summary_table(m: dict) -> Table:
@@ -111,10 +122,14 @@ def build(
     ef_search: Annotated[
         int, typer.Option(min=1, help="HNSW efSearch (search-time list size; higher: better recall, slower).")
     ] = 128,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", min=2, help="HNSW links per node (memory, recall).")] = 32,
+    ef_construction: Annotated[
+        int, typer.Option(min=1, help="HNSW efConstruction (build-time list size; higher: better graph, slower).")
+    ] = 128,
     json_out: Annotated[bool, typer.Option("--json", help="Print the index manifest as JSON.")] = False,
 ):
     """Compute u for every user from the most recent history and index V' with raw item ids (RUN/index)."""
-    manifest = _build(run, data, ann, backend, ef_search, json_out)
+    manifest = _build(run, data, ann, backend, ef_search, json_out, hnsw_m, ef_construction)
     if json_out:
         print_json(manifest)
     else:

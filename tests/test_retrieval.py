@@ -301,10 +301,15 @@ def test_hnsw_index_reports_recall(tiny_run, tmp_path):
     pytest.importorskip("faiss")
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("index", "export"))
-    res = invoke("index", "build", run, "--ann", "hnsw", "--ef-search", 64, "--json")
+    res = invoke(
+        "index", "build", run, "--ann", "hnsw", "--ef-search", 64, "--hnsw-m", 16, "--ef-construction", 40, "--json"
+    )
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
-    assert m["hnsw"]["ef_search"] == 64 and min(m["figures"]["hnsw_recall"].values()) > 0.9
+    assert (
+        m["hnsw"] == {"m": 16, "ef_construction": 40, "ef_search": 64}
+        and min(m["figures"]["hnsw_recall"].values()) > 0.9
+    )
     uid = int(np.load(run / "index" / "users.npy")[0])
     res = invoke("retrieve", run, "--user", uid, "-k", 5, "--search", "hnsw", "--ef-search", 100, "--json")
     assert res.exit_code == 0 and len(json.loads(res.stdout)["items"]) == 5
