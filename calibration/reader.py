@@ -43,7 +43,9 @@ class DataFileReader(CalibrationDataReader):
         if graph == "candidate_scorer" and user_session is None:
             raise ValueError("the candidate_scorer graph is calibrated through a user_encoder session")
         self.path, self.encoder, self.gs, self.graph = Path(path), encoder, gs, graph
-        self.rows, self.batch_size, self.seed, self.user_session = rows, batch_size, seed, user_session
+        # every batch has the same number of rows: onnxruntime's histogram calibrators (entropy, percentile)
+        # stack each tensor's batches into one array and fail on unequal shapes
+        self.rows, self.batch_size, self.seed, self.user_session = rows, min(batch_size, rows), seed, user_session
         self.rows_read = 0
         self._it = None
 
@@ -54,11 +56,10 @@ class DataFileReader(CalibrationDataReader):
             for batch in data.batches(self.batch_size, self.gs.max_len, shuffle=True, seed=self.seed,
                                       encoder=self.encoder, keys=keys,
                                       behavior_fields=self.encoder.spec.behaviors):
-                left = self.rows - self.rows_read
-                if left <= 0:
+                if self.rows_read + self.batch_size > self.rows:
                     return
-                if len(batch["user"]) > left:
-                    batch = {k: v[:left] for k, v in batch.items()}
+                if len(batch["user"]) < self.batch_size:  # a chunk's last batch: skip it, keep shapes equal
+                    continue
                 batch = self.encoder.finish(batch)
                 self.rows_read += len(batch["user"])
                 yield self.feeds(batch)

@@ -41,7 +41,8 @@ def test_reader_streams_the_requested_rows_as_graph_feeds(graphs, tiny_data):
         user = session(paths["user_encoder"]) if g == "candidate_scorer" else None
         r = DataFileReader(tiny_data / "train.h5", b.encoder(), gs, g, rows=300, batch_size=128, user_session=user)
         feeds = list(iter(r.get_next, None))
-        assert r.rows_read == 300 and [len(next(iter(f.values()))) for f in feeds] == [128, 128, 44]
+        # whole batches only (histogram calibrators need equal shapes): 300 rows asked, 2 x 128 read
+        assert r.rows_read == 256 and [len(next(iter(f.values()))) for f in feeds] == [128, 128]
         want = {i.name for i in session(paths[g]).get_inputs()}
         assert all(set(f) == want for f in feeds)
         r.rewind()
