@@ -7,9 +7,9 @@ import json
 import h5py
 import numpy as np
 import pytest
-from dmrx.cli.app import app
 from typer.testing import CliRunner
 
+from dmrx.cli.app import app
 from dmrx.data.format import write_dataset
 from dmrx.data.info import describe
 from dmrx.data.reader import DataFile

@@ -37,5 +37,6 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
 
     bundle.verify(tmp_path / "ddp")
     # the same global batches and negatives: weights agree up to float rounding
-    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    a = load_file(str(tmp_path / "single" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3

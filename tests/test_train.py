@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dmrx.cli.app import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
+
+from dmrx.cli.app import app
 
 runner = CliRunner()
 TINY = {"model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
