@@ -247,7 +247,9 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         if dist.main:
             bundle.write_json(run_dir / "config.json", {
                 "model": model_cfg.to_json(), "train": asdict(train_cfg), "world_size": dist.world,
-                "data": {"train": str(train_path), "valid": str(valid_path) if valid_path else None}})
+                # absolute: later commands (export's calibration, index build) may run from elsewhere
+                "data": {"train": str(Path(train_path).resolve()),
+                         "valid": str(Path(valid_path).resolve()) if valid_path else None}})
             bundle.write_json(run_dir / "schema.json", spec.to_json())
             bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
     encoder = Encoder(spec, vocabs)
