@@ -2,8 +2,10 @@
 
 Embedding tables take sparse gradients and a lazy optimiser (dmrx.optim.LazyAdam): a step only touches the rows
 its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
-Checkpoints hold model, both optimisers, step, RNG states and the data position (epoch, batch), and land
-atomically (a new directory, then a pointer file), so a run killed at any moment resumes to the same result.
+Checkpoints hold model, both optimisers, the best weights so far, step and the data position (epoch, batch);
+the data order and the negatives depend only on (seed, epoch) and (seed, step), so no RNG state is needed.
+They land atomically (a new directory, then a pointer file): a run killed at any moment resumes to the
+same result.
 """
 
 from __future__ import annotations
