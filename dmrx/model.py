@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from dmrx.errors import DmrxError
 from dmrx.features import FeatureSpec
 
+MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
+
 
 @dataclass
 class DMRConfig:
@@ -48,8 +50,24 @@ class DMRConfig:
     match_field: str = "item"
     use_user_id: bool = True
 
-    def validate(self) -> DmrxConfigCheck:
-        return DmrxConfigCheck(self)
+    def validate(self) -> None:
+        """Up-front validation: impossible values are reported before any work starts."""
+        c = self
+        for name in ("embed_dim", "max_len", "attn_hidden", "num_negatives"):
+            if int(getattr(c, name)) <= 0:
+                raise DmrxError(f"model option {name} must be positive, got {getattr(c, name)}")
+        if not c.mlp or any(int(h) <= 0 for h in c.mlp):
+            raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
+        if c.beta < 0:
+            raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
+        if c.model not in MODELS:
+            raise DmrxError(f"model option model must be one of {', '.join(MODELS)}, got {c.model!r}")
+        if c.attention not in ("additive", "din"):
+            raise DmrxError(f"model option attention must be 'additive' or 'din', got {c.attention!r}")
+        if c.aux_loss not in ("sampled_softmax", "sigmoid_ns"):
+            raise DmrxError(f"model option aux_loss must be 'sampled_softmax' or 'sigmoid_ns', got {c.aux_loss!r}")
+        if not (c.use_u2i or c.use_i2i):
+            raise DmrxError("model options use_u2i and use_i2i cannot both be off")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -66,30 +84,6 @@ class DMRConfig:
         if "mlp" in d:
             d["mlp"] = tuple(d["mlp"])
         return cls(**d)
-
-
-MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")
-
-
-class DmrxConfigCheck:
-    """Up-front validation: impossible values are reported before any work starts."""
-
-    def __init__(self, c: DMRConfig):
-        for name in ("embed_dim", "max_len", "attn_hidden", "num_negatives"):
-            if int(getattr(c, name)) <= 0:
-                raise DmrxError(f"model option {name} must be positive, got {getattr(c, name)}")
-        if not c.mlp or any(int(h) <= 0 for h in c.mlp):
-            raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
-        if c.beta < 0:
-            raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
-        if c.model not in MODELS:
-            raise DmrxError(f"model option model must be one of {', '.join(MODELS)}, got {c.model!r}")
-        if c.attention not in ("additive", "din"):
-            raise DmrxError(f"model option attention must be 'additive' or 'din', got {c.attention!r}")
-        if c.aux_loss not in ("sampled_softmax", "sigmoid_ns"):
-            raise DmrxError(f"model option aux_loss must be 'sampled_softmax' or 'sigmoid_ns', got {c.aux_loss!r}")
-        if not (c.use_u2i or c.use_i2i):
-            raise DmrxError("model options use_u2i and use_i2i cannot both be off")
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
