@@ -25,6 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
+from dmrx.bundle import sha256
 from dmrx.errors import DmrxError
 
 DEFAULT_PROFILE = (1, 1024, 8192)  # (min, opt, max) rows on the dynamic batch axes
@@ -62,21 +63,13 @@ def require():
     return _import_trt()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def engine_key(onnx_path: Path, profile=DEFAULT_PROFILE) -> dict:
     trt = require()
     import torch  # noqa: PLC0415
 
     dev = torch.cuda.current_device()
     ident = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(dev),
-             "sm": ".".join(map(str, torch.cuda.get_device_capability(dev))), "onnx_sha256": _sha256(onnx_path),
+             "sm": ".".join(map(str, torch.cuda.get_device_capability(dev))), "onnx_sha256": sha256(onnx_path),
              "profile": list(profile)}
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
     return ident
@@ -99,7 +92,7 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None
         cached = cache_dir / f"{ident['key']}.plan"
         if cached.is_file():
             shutil.copyfile(cached, plan_path)
-            return {**ident, "cache_hit": True, "bytes": plan_path.stat().st_size, "sha256": _sha256(plan_path)}
+            return {**ident, "cache_hit": True, "bytes": plan_path.stat().st_size, "sha256": sha256(plan_path)}
     logger = _logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -139,7 +132,7 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None
         tmp = cached.with_suffix(".tmp")
         shutil.copyfile(plan_path, tmp)
         os.replace(tmp, cached)
-    return {**ident, "cache_hit": False, "bytes": plan_path.stat().st_size, "sha256": _sha256(plan_path)}
+    return {**ident, "cache_hit": False, "bytes": plan_path.stat().st_size, "sha256": sha256(plan_path)}
 
 
 class Engine:
