@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-# Test models are tiny: one thread avoids synchronisation overhead that dominates their steps.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Test models are tiny: one thread avoids the synchronisation overhead that dominates their steps.
+    Restored after each test, since the CPU scoring backend sets its own thread count."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -24,15 +24,6 @@ runner = CliRunner()
 SMALL = {"embed_dim": 8, "mlp": (32, 16), "max_len": 20, "num_negatives": 50}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one intra-op thread is several times faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_data):
     """(spec, vocabs, one encoded test batch of 64 rows as tensors)."""

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
@@ -17,14 +16,6 @@ from dmrx.report import reliability, roc_curve
 pytest.importorskip("matplotlib")
 runner = CliRunner()
 ALL = ["fig2_relevance.png", "fig3_learning_curves.png", "fig4_i2i_position.png", "roc.png", "calibration.png"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

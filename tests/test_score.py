@@ -17,14 +17,6 @@ from dmrx.predict import predict
 from dmrx.score import Scorer, Work, flops_per_candidate, group_rows
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """The CPU backend runs one torch thread per worker; give other tests their thread count back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_bundle(tiny_run):
     return bundle.load(tiny_run)

@@ -13,13 +13,6 @@ from dmrx.errors import DmrxError
 from dmrx.score import Scorer, score_file
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def export_dir(tiny_run, tmp_path_factory):
     """The tiny run exported (FP32 and FP16 graphs)."""
