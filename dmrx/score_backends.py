@@ -200,13 +200,11 @@ class OrtBackend:
         def session(path: Path):
             if precision == "int8" and not gpu:
                 # as every dmrx CPU consumer: INT8 graphs arranged for the CPU kernels at load (gather INT8
-                # rows then dequantize; float-bias Gemm weights dequantized once) - dmrx.export.int8.for_cpu
-                import onnx
+                # rows then dequantize; float-bias Gemm weights dequantized once), integer matmuls that do not
+                # saturate on x86 without VNNI - dmrx.export.int8.cpu_session
+                from dmrx.export.int8 import cpu_session
 
-                from dmrx.export.int8 import for_cpu
-
-                return ort.InferenceSession(for_cpu(onnx.load(str(path))).SerializeToString(), so,
-                                            providers=providers)
+                return cpu_session(path, so)
             return ort.InferenceSession(str(path), so, providers=providers)
 
         try:

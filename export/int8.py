@@ -264,7 +264,9 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     cpu_session does); a weight-only Gemm's DQ(weight) is dequantized once at load.
 
     Same numbers up to float rounding (a per-tensor DequantizeLinear commutes with Gather; a folded
-    weight is the DQ's own output; measured max CTR difference 3e-5). The stored artifact keeps the standard
+    weight is the DQ's own output): run through cpu_session, the ranking graph's CTR is within 1e-7 of
+    the stored graph's own Q/DQ arithmetic (ONNX Runtime with graph optimizations off); without
+    X64_PRECISION it is not, on x86 CPUs without VNNI (see there). The stored artifact keeps the standard
     DQ -> Gather form, which the ONNX-TensorRT parser takes (TensorRT gathers no INT8 tensors); CPU
     consumers apply this at load (`dmrx.export.gates.session` does)."""
     from onnx import helper
@@ -344,14 +346,35 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+# ONNX Runtime runs our INT8 x INT8 matmuls (MatMulIntegerToFloat) on x86 as U8S8: the activation is shifted
+# to uint8 (QDQS8ToU8Transformer) and, on AVX2 or AVX-512 CPUs without VNNI, multiplied with VPMADDUBSW, which
+# adds two u8*s8 products into a saturating int16. Symmetric INT8 weights reach +-127 and a shifted activation
+# near zero is already 128, so 128*127*2 > 32767: the sums clip. Measured on an AVX2-only EPYC, tiny test
+# model: CTR off by 0.025 and r_hat by 0.1 against the graph's own Q/DQ arithmetic. This option makes ONNX
+# Runtime convert weights outside [-64, 63] to uint8 and use its U8U8 kernel, which does not saturate; it
+# changes nothing on CPUs with VNNI (or not x86).
+# Cost on the AVX2 host: ~3% of INT8 rows/s. (`session.qdqisint8allowed=1`, S8S8 kernels, is exact too but
+# halves the rows/s there.) The stored, Gather-after-DQ form cannot take it: ONNX Runtime (1.31, 1.32) fails
+# to load it ("Attempt to replace the existing tensor": an INT8 table read by two DequantizeLinear nodes is
+# converted twice); for_cpu's form loads.
+X64_PRECISION = ("session.x64quantprecision", "1")
+
+
 def cpu_session(model: onnx.ModelProto | str | os.PathLike, options=None):
     """An ONNX Runtime CPU session for any dmrx graph; INT8 ones go through for_cpu, with
-    MatMulAddFusion off so that the quantized MLP layers keep their integer kernels."""
+    MatMulAddFusion off so that the quantized MLP layers keep their integer kernels, and with
+    X64_PRECISION (unless `options` sets that key) so that those kernels do not saturate."""
     import onnxruntime as ort
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if options is None:
+        options = ort.SessionOptions()
+    try:
+        options.get_session_config_entry(X64_PRECISION[0])
+    except RuntimeError:  # not set by the caller
+        options.add_session_config_entry(*X64_PRECISION)
     return ort.InferenceSession(for_cpu(model).SerializeToString(), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=["MatMulAddFusion"])
