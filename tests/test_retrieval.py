@@ -68,6 +68,26 @@ def test_int8_two_stage_recall_and_exact_scores():
     assert rows.shape == (300, 10) and recall(rows, ExactSearch(V).search(many, 10)[0]) >= 0.99
 
 
+def test_int8_pass_is_exact_integer_arithmetic_where_kernels_could_saturate():
+    """Codes at +-127 times query bytes at 1 or 255: the pairs of products that clip a saturating int16 (ONNX
+    Runtime's U8S8 kernel on x86 without VNNI). The shortlist must be the top by exact integer scores."""
+    rng = np.random.default_rng(4)
+    n, d = 64 * 64, 32
+    V = (rng.choice([-1.0, 1.0], (n, d)) * rng.uniform(0.5, 1.0, (n, d))).astype(np.float32)
+    V[0] = 1.0  # every column's scale is 1, item 0's codes are all 127
+    U = np.concatenate([np.ones((1, d)), np.sign(V[1:40]), rng.standard_normal((20, d))]).astype(np.float32)
+    s = Int8Search(V, shortlist=64, threads=1)
+    q = s.quantize(U)
+    assert np.abs(s.codes).max() == 127 and q.min() == 1 and q.max() == 255
+    ints = (q.astype(np.int64) - 128) @ s.codes.T.astype(np.int64)  # [B, n]: numpy's exact integer scores
+    for length in (64, 200):
+        cand = s.candidates(U, length)
+        top = -np.sort(-ints, axis=1)[:, :length]
+        np.testing.assert_array_equal(-np.sort(-np.take_along_axis(ints, cand, 1), axis=1), top)
+    rows, _ = s.search(U, 1)
+    assert rows[0, 0] == 0  # the all-ones user's best item, which a saturating pass drops from the shortlist
+
+
 def test_search_rejects_bad_k_and_shapes():
     from dmrx.errors import DmrxError
 
