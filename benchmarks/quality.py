@@ -54,28 +54,28 @@ VARIANTS = {
     # the options whose defaults are chosen by measurement
     "dmr_sigmoid_ns": {"aux_loss": "sigmoid_ns"},
     "dmr_din_attention": {"attention": "din"},
-    "dmr_no_user_id": {"use_user_id": False},
+    "dmr_user_id": {"use_user_id": True},
+    "dmr_paper_mlp_input": {"target_product": False, "mlp_batchnorm": False},  # [x_p, x_t, x_c, u_hat, r, r_hat] only
 }
 
 
 def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
-            *, users: int | None = None) -> tuple[Path, dict]:
-    """Write the dataset's train/valid/test files into work (kept when already there); return the dir and
-    model defaults for it."""
+            *, users: int | None = None) -> Path:
+    """Write the dataset's train/valid/test files into work (kept when already there); return the dir."""
     if (work / "test.h5").exists():
-        return work, {"use_user_id": False} if dataset == "amazon" else {}
+        return work
     if dataset == "synthetic":
         from dmrx.data.synthetic import SyntheticConfig, generate
 
         generate(work, SyntheticConfig(seed=data_seed, **({"users": users} if users else {})))
-        return work, {}
+        return work
     if dataset == "amazon":
         if not amazon.exists():
             raise SystemExit(f"{amazon} is absent: the Amazon Beauty benchmark needs ../shared/data/amazon-beauty")
         from dmrx.data.amazon import import_amazon
 
         import_amazon(amazon, "Beauty", work, seed=data_seed)
-        return work, {"use_user_id": False}
+        return work
     raise SystemExit(f"unknown dataset {dataset}")
 
 
@@ -156,14 +156,14 @@ def main() -> None:
             raise SystemExit(f"unknown variant {n}; choose from {', '.join(VARIANTS)}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data, defaults = prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
+        data = prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
                                    users=args.users)
         for name in names:
             if name == "popularity":  # no training, no seeds
                 runs = [popularity(data)]
                 results[name] = {"runs": runs, "summary": summarise(runs)}
                 continue
-            runs = [run_one(data, {**defaults, **VARIANTS[name]}, seed, args.epochs, Path(tmp) / name, args.device)
+            runs = [run_one(data, VARIANTS[name], seed, args.epochs, Path(tmp) / name, args.device)
                     for seed in range(args.seeds)]
             results[name] = {"runs": runs, "summary": summarise(runs)}
     refs = [r for r in ("lr", "dmr") if r in results] or [names[0]]

@@ -48,7 +48,9 @@ class DMRConfig:
     use_r_hat: bool = True  # feed r_hat to the MLP (off, with U2I and positions off: a DIN-like model)
     shared_output: bool = False  # ablation "double-size shared embedding": v' = V[target], match table 2x
     match_field: str = "item"
-    use_user_id: bool = True
+    use_user_id: bool = False  # embed the user id as a profile field (memorises users with few rows; see README)
+    target_product: bool = True  # with I2I, also feed u_hat * x_t (fields both carry) to the MLP; see README
+    mlp_batchnorm: bool = True  # batch-normalise the MLP input, as the authors' code does
 
     def validate(self) -> None:
         """Up-front validation: impossible values are reported before any work starts."""
@@ -177,6 +179,25 @@ class DinAttention(nn.Module):
         return self.l3(torch.sigmoid(self.l2(h))).squeeze(-1)
 
 
+def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
+    """Batch norm in training over the global batch of all ranks (each holds a slice of it), so a
+    distributed run normalises, and trains, as one process would. torch's SyncBatchNorm does this on
+    GPUs only; this works on gloo too. Statistics are summed with an autograd-aware all_reduce."""
+    from torch.distributed.nn.functional import all_reduce
+
+    d = x.shape[1]
+    stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])]))
+    n = stats[-1]
+    mean = stats[:d] / n
+    var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
+    with torch.no_grad():
+        m = bn.momentum
+        bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+        bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1.0)), alpha=m)
+        bn.num_batches_tracked.add_(1)
+    return (x - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+
+
 def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -217,7 +238,20 @@ class DMR(nn.Module):
         if cfg.use_i2i:
             self.pos_i2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
             self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden)
-        d_in = d_p + d_t + d_c + (d_e + cfg.use_r_hat if cfg.use_i2i else 0) + cfg.use_u2i
+        # columns of e_t and x_t looked up in the same table (one space): the pairs target_product multiplies
+        cols_e = self._columns([f"hist/{f}" for f in spec.behaviors], dims)
+        cols_t = self._columns([f"target/{f}" for f in spec.target], dims)
+        shared = [f for f in spec.behaviors if f in spec.target and table_of[f"hist/{f}"] == table_of[f"target/{f}"]]
+        self.register_buffer("prod_e", torch.tensor([c for f in shared for c in cols_e[f"hist/{f}"]],
+                                                    dtype=torch.long), persistent=False)
+        self.register_buffer("prod_t", torch.tensor([c for f in shared for c in cols_t[f"target/{f}"]],
+                                                    dtype=torch.long), persistent=False)
+        d_prod = len(self.prod_e) if cfg.target_product else 0
+        d_in = d_p + d_t + d_c + (d_e + cfg.use_r_hat + d_prod if cfg.use_i2i else 0) + cfg.use_u2i
+        # The MLP input mixes embeddings (~0.05), products of them (~0.003) and relevance units (up to tens):
+        # without a normalisation the products, which carry the target-history match, barely reach it (and
+        # one INT8 activation scale cannot serve them all).
+        self.input_norm = nn.BatchNorm1d(d_in) if cfg.mlp_batchnorm else None
         self.mlp = _mlp(d_in, cfg.mlp)
         for emb in self.tables.values():
             nn.init.normal_(emb.weight, std=0.05)
@@ -227,6 +261,15 @@ class DMR(nn.Module):
         self.register_buffer("positions", torch.arange(cfg.max_len - 1, -1, -1), persistent=False)
 
     # ---- pieces -----------------------------------------------------------------------------------
+    def _columns(self, keys: list[str], dims: dict[str, int]) -> dict[str, list[int]]:
+        """The columns each key's embedding takes in the concatenation of `keys` (see _embed)."""
+        out, start = {}, 0
+        for k in keys:
+            width = dims[self.table_of[k]]
+            out[k] = list(range(start, start + width))
+            start += width
+        return out
+
     def _embed(self, batch: dict[str, Tensor], keys: list[str]) -> Tensor:
         return torch.cat([self.tables[self.table_of[k]](batch[k]) for k in keys], dim=-1)
 
@@ -281,12 +324,35 @@ class DMR(nn.Module):
             u_hat = torch.bmm(alpha.unsqueeze(1), e).squeeze(1)  # Eq. 12-13
             out["i2i_weights"] = alpha
             parts += [u_hat, out["r_hat"].unsqueeze(-1)] if self.cfg.use_r_hat else [u_hat]
+            if self.cfg.target_product:
+                parts.append(self.match_product(u_hat, x_t))
         if self.cfg.use_u2i:
             v = self._v_out(batch[f"target/{self.cfg.match_field}"])
             out["r"] = (user["u"] * v).sum(dim=-1)  # Eq. 5
             parts.append(out["r"].unsqueeze(-1))
-        out["logit"] = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
+        out["logit"] = self.mlp(self.normalise_input(torch.cat(parts, dim=-1))).squeeze(-1)
         return out
+
+    def match_product(self, u_hat: Tensor, x_t: Tensor) -> Tensor:
+        """u_hat * x_t over the fields behaviours and target share: the target-history match, per dimension."""
+        return u_hat.index_select(-1, self.prod_e) * x_t.index_select(-1, self.prod_t)
+
+    def normalise_input(self, x: Tensor) -> Tensor:
+        """The MLP input's batch norm: batch statistics in training, else the per-column affine of the
+        running statistics (exported as Mul and Add, which every runtime and precision handles)."""
+        if self.input_norm is None:
+            return x
+        if self.training and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            return _global_batch_norm(x, self.input_norm)
+        if self.training and x.shape[0] > 1:  # a one-row batch (an epoch's last) has no statistics
+            return self.input_norm(x)
+        scale, shift = self.input_affine()
+        return x * scale + shift
+
+    def input_affine(self) -> tuple[Tensor, Tensor]:
+        bn = self.input_norm
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
 
     def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]
                       ) -> dict[str, Tensor]:

@@ -109,6 +109,10 @@ class GroupedCandidates(nn.Module):
             rest.weight.copy_(w[:, d_p:])
             rest.bias.copy_(first.bias.detach())
         self.register_buffer("w1_p", w[:, :d_p].t().contiguous(), persistent=False)
+        # the MLP input's batch norm as a per-column affine; the profile columns get theirs with x_p
+        affine = model.input_affine() if model.input_norm is not None else None
+        self.norm = None if affine is None else tuple(a.detach()[d_p:] for a in affine)
+        self.norm_p = None if affine is None or not d_p else tuple(a.detach()[:d_p] for a in affine)
         self.first = rest
         # the tail as (linear, PReLU slope) pairs: F.prelu on [B, C] is the model's last-axis PReLU, in one
         # pass instead of torch.where's three
@@ -191,14 +195,20 @@ class GroupedCandidates(nn.Module):
         if self.use_i2i:
             u_hat, r_hat = self._i2i(user, user_row, x_t)
             parts += [u_hat, r_hat.unsqueeze(-1)] if self.use_r_hat else [u_hat]
+            if model.cfg.target_product:
+                parts.append(model.match_product(u_hat, x_t))
         if self.use_u2i:
             v = model._v_out(cand[f"target/{model.cfg.match_field}"])
             parts.append((user["u"].index_select(0, user_row) * v).sum(dim=-1, keepdim=True))
         x = torch.cat(parts, dim=-1)
+        if self.norm is not None:
+            x = torch.addcmul(self.norm[1], x, self.norm[0])
         prof = None
         if self.d_p:
             first, row = _runs(torch.stack([cand[k] for k in self.prof_keys], dim=1))
             x_p = self._embed({k: cand[k].index_select(0, first) for k in self.prof_keys}, self.prof_keys)
+            if self.norm_p is not None:
+                x_p = torch.addcmul(self.norm_p[1], x_p, self.norm_p[0])
             prof = (x_p @ self.w1_p if self.int8 else torch.addmm(self.first.bias, x_p, self.w1_p), row)
         # the MLP in row blocks: a block's activations stay in cache from one layer to the next
         step = x.shape[0] if x.is_cuda else self.mlp_rows

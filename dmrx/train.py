@@ -44,6 +44,7 @@ class TrainConfig:
     epochs: int = 1  # the paper trains one pass; a second epoch overfits on the synthetic data (README)
     batch_size: int = 256
     lr: float = 1e-3
+    sparse_lr: float = 0.0  # learning rate of the embedding tables (0: lr); rare rows get few updates
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 1  # epochs without a better validation AUC before stopping
@@ -62,6 +63,8 @@ class TrainConfig:
                 raise DmrxError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise DmrxError(f"train option lr must be positive, got {self.lr}")
+        if not self.sparse_lr >= 0:
+            raise DmrxError(f"train option sparse_lr must be >= 0, got {self.sparse_lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise DmrxError(f"train option device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -127,11 +130,11 @@ class NegativeSampler:
         return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.cdf) - 1)
 
 
-def _optimizers(model: DMR, lr: float):
+def _optimizers(model: DMR, lr: float, sparse_lr: float = 0.0):
     sparse = [p for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse for p in m.parameters()]
     ids = {id(p) for p in sparse}
     dense = [p for p in model.parameters() if id(p) not in ids]
-    return torch.optim.Adam(dense, lr=lr), LazyAdam(sparse, lr=lr)
+    return torch.optim.Adam(dense, lr=lr), LazyAdam(sparse, lr=sparse_lr or lr)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         encoder.check_file(valid)
 
     model = bundle.build_model(model_cfg, spec, vocabs).to(device)
-    opts = _optimizers(model, train_cfg.lr)
+    opts = _optimizers(model, train_cfg.lr, train_cfg.sparse_lr)
     sampler = NegativeSampler(counts, model_cfg.num_negatives, train_cfg.seed, device)
     use_aux = model_cfg.model == "dmr" and model_cfg.use_u2i and model_cfg.beta > 0 and sampler.usable
     amp = device.type == "cuda"

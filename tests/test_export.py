@@ -174,7 +174,7 @@ def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
     last = [n for n in m.graph.node if n.op_type == "Gemm"][-1]
     assert prod.get(last.input[1]) is None or prod[last.input[1]].op_type != "DequantizeLinear"
     # every activation Q feeds one DQ feeding one quantized matmul (the form ONNX Runtime fuses); the MLP's
-    # input layer (a concat of unlike features) has an INT8 weight but reads its activation unquantized
+    # input layer reads the batch-normalised features, whose columns share a scale: INT8 on both sides
     readers: dict[str, list] = {}
     for n in m.graph.node:
         for x in n.input:
@@ -184,7 +184,7 @@ def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
             dqs = readers[n.output[0]]
             assert len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear", n.name
     first = next(n for n in m.graph.node if n.op_type == "Gemm" and "mlp.0" in n.name)
-    assert prod[first.input[1]].op_type == "DequantizeLinear" and prod[first.input[0]].op_type == "Concat"
+    assert prod[first.input[1]].op_type == "DequantizeLinear" and prod[first.input[0]].op_type == "DequantizeLinear"
 
 
 # ---- TensorRT lint ---------------------------------------------------------------------------------------

@@ -149,3 +149,30 @@ def test_config_rejects_impossible_values():
             DMRConfig(**bad).validate()
     with pytest.raises(DmrxError, match="unknown model option"):
         DMRConfig.from_json({"embed_size": 3})
+
+
+def test_match_product_pairs_the_columns_of_the_same_field():
+    """u_hat * x_t multiplies item by item and cate by cate (btag, a behaviour-only field, is left out),
+    whatever order the fields are concatenated in."""
+    m = _model()
+    d = m.cfg.embed_dim
+    u_hat = torch.arange(3 * d, dtype=torch.float32).unsqueeze(0)  # e_t = [item | cate | btag]
+    x_t = torch.arange(100, 100 + 2 * d, dtype=torch.float32).unsqueeze(0)  # x_t = [item | cate]
+    assert torch.equal(m.match_product(u_hat, x_t), u_hat[:, :2 * d] * x_t)
+    off = _model(target_product=False)
+    assert off.mlp[0].in_features == m.mlp[0].in_features - 2 * d
+
+
+def test_input_norm_trains_on_batch_statistics_and_infers_with_its_running_affine():
+    m = _model()
+    x = torch.randn(64, m.mlp[0].in_features) * 5 + 3
+    m.train()
+    y = m.normalise_input(x)
+    assert torch.allclose(y.mean(0), torch.zeros(y.shape[1]), atol=1e-4)  # batch statistics
+    scale, shift = m.input_affine()  # one row has no batch statistics: the running ones serve
+    assert torch.allclose(m.normalise_input(x[:1]), x[:1] * scale + shift)
+    m.eval()
+    assert torch.allclose(m.normalise_input(x), m.input_norm(x), atol=1e-5)  # eval: the running statistics
+    # the model trains with a one-row batch (an epoch's last) without error
+    m.train()
+    assert torch.isfinite(m(_batch(lengths=[3]))["logit"]).all()
