@@ -103,16 +103,22 @@ class GroupedCandidates(nn.Module):
         tables = model.tables
         d_p = sum(tables[model.table_of[k]].embedding_dim for k in self.prof_keys)
         self.d_p = d_p
-        w = first.weight.detach()
+        w, b = first.weight.detach(), first.bias.detach()
+        # The MLP input's batch norm is a per-column affine x * scale + shift. In float it folds into the
+        # first layer (no extra pass); INT8 applies it to the activations, whose columns it brings to one
+        # scale, and keeps the weights as trained.
+        self.norm = self.norm_p = None
+        if model.input_norm is not None:
+            scale, shift = (a.detach() for a in model.input_affine())
+            if int8:
+                self.norm, self.norm_p = (scale[d_p:], shift[d_p:]), (scale[:d_p], shift[:d_p]) if d_p else None
+            else:
+                w, b = w * scale, b + w @ shift
         with torch.no_grad():
             rest = nn.Linear(w.shape[1] - d_p, w.shape[0]).to(w.device, w.dtype)
             rest.weight.copy_(w[:, d_p:])
-            rest.bias.copy_(first.bias.detach())
+            rest.bias.copy_(b)
         self.register_buffer("w1_p", w[:, :d_p].t().contiguous(), persistent=False)
-        # the MLP input's batch norm as a per-column affine; the profile columns get theirs with x_p
-        affine = model.input_affine() if model.input_norm is not None else None
-        self.norm = None if affine is None else tuple(a.detach()[d_p:] for a in affine)
-        self.norm_p = None if affine is None or not d_p else tuple(a.detach()[:d_p] for a in affine)
         self.first = rest
         # the tail as (linear, PReLU slope) pairs: F.prelu on [B, C] is the model's last-axis PReLU, in one
         # pass instead of torch.where's three
