@@ -41,10 +41,10 @@ from dmrx.predict import predict, to_tensors
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1  # the paper trains one pass; a second epoch overfits on the synthetic data (README)
+    epochs: int = 2  # at most; early stopping keeps the best (the paper trains one pass; README: Quality)
     batch_size: int = 256
     lr: float = 1e-3
-    sparse_lr: float = 0.0  # learning rate of the embedding tables (0: lr); rare rows get few updates
+    sparse_lr: float = 1e-2  # the embedding tables' (0: lr): a rare row gets few updates, so each counts more
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 1  # epochs without a better validation AUC before stopping
