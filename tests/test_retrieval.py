@@ -322,12 +322,12 @@ def test_hnsw_index_reports_recall(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("index", "export"))
     res = invoke(
-        "index", "build", run, "--ann", "hnsw", "--ef-search", 64, "--hnsw-m", 16, "--ef-construction", 40, "--json"
+        "index", "build", run, "--ann", "hnsw", "--ef-search", 256, "--hnsw-m", 32, "--ef-construction", 200, "--json"
     )
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     assert (
-        m["hnsw"] == {"m": 16, "ef_construction": 40, "ef_search": 64}
+        m["hnsw"] == {"m": 32, "ef_construction": 200, "ef_search": 256}
         and min(m["figures"]["hnsw_recall"].values()) > 0.9
     )
     uid = int(np.load(run / "index" / "users.npy")[0])
