@@ -157,7 +157,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
-                                   users=args.users)
+                       users=args.users)
         for name in names:
             if name == "popularity":  # no training, no seeds
                 runs = [popularity(data)]
