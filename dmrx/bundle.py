@@ -149,7 +149,7 @@ def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundl
         config = json.loads((run_dir / "config.json").read_text())
         spec = FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, sampler = load_vocabs(run_dir / "vocab.safetensors")
-        cfg = DMRConfig.from_json(config["model"])
+        cfg = DMRConfig.from_saved(config["model"])
         model = build_model(cfg, spec, vocabs)
         state = load_file(str(run_dir / "model.safetensors"))
         model.load_state_dict(state)

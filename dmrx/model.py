@@ -31,6 +31,10 @@ from dmrx.features import FeatureSpec
 MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
 
 
+# options added after runs were first saved (2026-12-02), and what a run saved without them did
+SAVED_BEFORE = {"target_product": False, "mlp_batchnorm": False}
+
+
 @dataclass
 class DMRConfig:
     model: str = "dmr"  # or a baseline trained by the same trainer: lr, widedeep, pnn, din, dien
@@ -75,6 +79,12 @@ class DMRConfig:
         d = asdict(self)
         d["mlp"] = list(self.mlp)
         return d
+
+    @classmethod
+    def from_saved(cls, d: dict) -> DMRConfig:
+        """The config a run bundle saved. Options added since a run was saved are absent from its config;
+        they take the behaviour the run was trained with, not today's default, so older runs still load."""
+        return cls.from_json({**SAVED_BEFORE, **d})
 
     @classmethod
     def from_json(cls, d: dict) -> DMRConfig:

@@ -99,6 +99,7 @@ class GroupedCandidates(nn.Module):
         self.dense_keys = [f"dense/{f}" for f in spec.dense]
         self.use_i2i, self.use_u2i = cfg.use_i2i, cfg.use_u2i
         self.use_r_hat = bool(getattr(cfg, "use_r_hat", True))
+        self.target_product = cfg.target_product
         first: nn.Linear = model.mlp[0]
         tables = model.tables
         d_p = sum(tables[model.table_of[k]].embedding_dim for k in self.prof_keys)
@@ -201,7 +202,7 @@ class GroupedCandidates(nn.Module):
         if self.use_i2i:
             u_hat, r_hat = self._i2i(user, user_row, x_t)
             parts += [u_hat, r_hat.unsqueeze(-1)] if self.use_r_hat else [u_hat]
-            if model.cfg.target_product:
+            if self.target_product:
                 parts.append(model.match_product(u_hat, x_t))
         if self.use_u2i:
             v = model._v_out(cand[f"target/{model.cfg.match_field}"])

@@ -242,8 +242,9 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
 
     if resume:
         saved = json.loads((run_dir / "config.json").read_text())
-        model_cfg = DMRConfig.from_json(saved["model"])
-        train_cfg = TrainConfig(**{**saved["train"], "device": train_cfg.device})
+        model_cfg = DMRConfig.from_saved(saved["model"])
+        # sparse_lr came later: a run saved without it trained its tables at lr
+        train_cfg = TrainConfig(**{"sparse_lr": 0.0, **saved["train"], "device": train_cfg.device})
         spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
     else:

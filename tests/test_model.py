@@ -176,3 +176,15 @@ def test_input_norm_trains_on_batch_statistics_and_infers_with_its_running_affin
     # the model trains with a one-row batch (an epoch's last) without error
     m.train()
     assert torch.isfinite(m(_batch(lengths=[3]))["logit"]).all()
+
+
+def test_a_run_saved_before_the_new_options_loads_as_it_was_trained():
+    from dmrx.model import SAVED_BEFORE
+
+    old = {k: v for k, v in _model(target_product=False, mlp_batchnorm=False).cfg.to_json().items()
+           if k not in SAVED_BEFORE}
+    cfg = DMRConfig.from_saved(old)
+    assert not cfg.target_product and not cfg.mlp_batchnorm
+    legacy = DMR(cfg, _spec(), SIZES)
+    legacy.load_state_dict(_model(target_product=False, mlp_batchnorm=False).state_dict())  # same shapes
+    assert DMRConfig.from_json(old).mlp_batchnorm  # a user's config file gets today's defaults
