@@ -10,6 +10,12 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
     python benchmarks/quality.py --variants lr,widedeep,pnn,din,dien,dmr          # like Table 1
     python benchmarks/quality.py --variants dmr,i2i_only,u2i_only,no_aux,no_position,shared_double  # Table 2
     python benchmarks/quality.py --users 300 --seeds 1 --epochs 1 --variants lr,dmr  # smoke run
+    python benchmarks/quality.py --dataset amazon --seeds 3 --results amazon.jsonl  # reuse finished runs
+
+With --results, every finished (variant, seed) run is appended to a JSONL file as soon as it ends, keyed by
+the dataset, data seed, variant options, seed and epochs; a later invocation with the same file reuses the
+runs it finds there and trains only the missing ones. An interrupted benchmark continues where it stopped,
+adding seeds costs only the new seeds, and Table 1 and Table 2 share DMR's runs.
 
 Relative improvement (RI) is computed as the paper's tables do, on the mean test AUC over seeds:
 RI = AUC / AUC_ref - 1 against LR (Table 1) and against DMR (Table 2), whichever of the two is listed
@@ -126,6 +132,18 @@ def popularity(data: Path) -> dict:
     return out
 
 
+def run_key(args, name: str, seed: int) -> dict:
+    """What makes a run reusable from a --results file: same data, same variant options, seed and epochs."""
+    return {"dataset": args.dataset, "data_seed": args.data_seed, "users": args.users, "variant": name,
+            "options": VARIANTS[name], "seed": seed, "epochs": args.epochs}
+
+
+def load_results(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def summarise(runs: list[dict]) -> dict:
     keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
     out = {}
@@ -149,22 +167,39 @@ def main() -> None:
     ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
+    ap.add_argument("--results", type=Path,
+                    help="JSONL of finished runs: reused when their key matches, new runs appended")
     args = ap.parse_args()
     names = args.variants.split(",")
     for n in names:
         if n not in VARIANTS and n != "popularity":
             raise SystemExit(f"unknown variant {n}; choose from {', '.join(VARIANTS)}")
     results = {}
+    done = {json.dumps(r["key"], sort_keys=True): r["metrics"] for r in load_results(args.results)}
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
-                       users=args.users)
+        prepared: list[Path] = []
+
+        def data() -> Path:  # prepared on first use: a benchmark answered from --results needs no data
+            if not prepared:
+                prepared.append(prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed,
+                                        args.amazon_dir, users=args.users))
+            return prepared[0]
+
         for name in names:
             if name == "popularity":  # no training, no seeds
-                runs = [popularity(data)]
+                runs = [popularity(data())]
                 results[name] = {"runs": runs, "summary": summarise(runs)}
                 continue
-            runs = [run_one(data, VARIANTS[name], seed, args.epochs, Path(tmp) / name, args.device)
-                    for seed in range(args.seeds)]
+            runs = []
+            for seed in range(args.seeds):
+                key = run_key(args, name, seed)
+                metrics = done.get(json.dumps(key, sort_keys=True))
+                if metrics is None:
+                    metrics = run_one(data(), VARIANTS[name], seed, args.epochs, Path(tmp) / name, args.device)
+                    if args.results:
+                        with args.results.open("a") as f:
+                            f.write(json.dumps({"key": key, "metrics": metrics}) + "\n")
+                runs.append(metrics)
             results[name] = {"runs": runs, "summary": summarise(runs)}
     refs = [r for r in ("lr", "dmr") if r in results] or [names[0]]
     for name in names:  # RI as the paper's tables: mean AUC / the reference's mean AUC - 1
