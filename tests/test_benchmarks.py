@@ -1,0 +1,50 @@
+"""The benchmark scripts still run end to end (small sizes; their figures are not checked here).
+
+gpu_check.py is meant to be run once on a lent GPU with a few minutes of device time: a script that breaks
+there wastes the loan, so its CPU dry run is exercised here. quality.py's --results cache must reuse runs
+rather than train them again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_dry_run_on_cpu_passes_every_check():
+    p = _run("gpu_check.py", "--device", "cpu", "--steps", "30", "--users", "400", "--json")
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout[p.stdout.index("{\n"):])
+    checks = {c["check"]: c for c in out["checks"]}
+    assert any(k.startswith("train: loss") for k in checks)
+    assert any(k.startswith("parity") for k in checks)
+    assert all(c["ok"] is not False for c in out["checks"])
+
+
+def test_quality_results_file_reuses_finished_runs(tmp_path):
+    results = tmp_path / "runs.jsonl"
+    args = ["--users", "300", "--seeds", "1", "--epochs", "1", "--variants", "lr", "--json",
+            "--data-dir", str(tmp_path / "data"), "--results", str(results)]
+    first = _run("quality.py", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert len(results.read_text().splitlines()) == 1
+    # a second invocation adds one seed: it trains seed 1 only and reports seed 0 from the file as it was
+    second = _run("quality.py", *args[:3], "2", *args[4:])
+    assert second.returncode == 0, second.stderr[-2000:]
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [x["key"]["seed"] for x in lines] == [0, 1]
+    runs = json.loads(second.stdout)["results"]["lr"]["runs"]
+    assert runs[0] == json.loads(first.stdout)["results"]["lr"]["runs"][0] == lines[0]["metrics"]
