@@ -15,7 +15,8 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
 With --results, every finished (variant, seed) run is appended to a JSONL file as soon as it ends, keyed by
 the dataset, data seed, variant options, seed and epochs; a later invocation with the same file reuses the
 runs it finds there and trains only the missing ones. An interrupted benchmark continues where it stopped,
-adding seeds costs only the new seeds, and Table 1 and Table 2 share DMR's runs.
+adding seeds costs only the new seeds, and Table 1 and Table 2 share DMR's runs. The key does not know the
+code: start a new file when the model, the trainer or their defaults change.
 
 Relative improvement (RI) is computed as the paper's tables do, on the mean test AUC over seeds:
 RI = AUC / AUC_ref - 1 against LR (Table 1) and against DMR (Table 2), whichever of the two is listed
