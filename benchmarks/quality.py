@@ -27,6 +27,7 @@ spread is no evidence of a difference.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -178,13 +179,10 @@ def main() -> None:
     results = {}
     done = {json.dumps(r["key"], sort_keys=True): r["metrics"] for r in load_results(args.results)}
     with tempfile.TemporaryDirectory() as tmp:
-        prepared: list[Path] = []
-
+        @functools.cache
         def data() -> Path:  # prepared on first use: a benchmark answered from --results needs no data
-            if not prepared:
-                prepared.append(prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed,
-                                        args.amazon_dir, users=args.users))
-            return prepared[0]
+            return prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
+                           users=args.users)
 
         for name in names:
             if name == "popularity":  # no training, no seeds
