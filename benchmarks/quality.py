@@ -11,6 +11,7 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
     python benchmarks/quality.py --variants dmr,i2i_only,u2i_only,no_aux,no_position,shared_double  # Table 2
     python benchmarks/quality.py --users 300 --seeds 1 --epochs 1 --variants lr,dmr  # smoke run
     python benchmarks/quality.py --dataset amazon --seeds 3 --results amazon.jsonl  # reuse finished runs
+    python benchmarks/quality.py --synthetic '{"dim": 8, "ctr": 0.15}'  # change the generator's SyntheticConfig
 
 With --results, every finished (variant, seed) run is appended to a JSONL file as soon as it ends, keyed by
 the dataset, data seed, variant options, seed and epochs; a later invocation with the same file reuses the
@@ -68,14 +69,15 @@ VARIANTS = {
 
 
 def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
-            *, users: int | None = None) -> Path:
+            *, users: int | None = None, synthetic: dict | None = None) -> Path:
     """Write the dataset's train/valid/test files into work (kept when already there); return the dir."""
     if (work / "test.h5").exists():
         return work
     if dataset == "synthetic":
         from dmrx.data.synthetic import SyntheticConfig, generate
 
-        generate(work, SyntheticConfig(seed=data_seed, **({"users": users} if users else {})))
+        sizes = {"users": users} if users else {}
+        generate(work, SyntheticConfig(**{**(synthetic or {}), "seed": data_seed, **sizes}))
         return work
     if dataset == "amazon":
         if not amazon.exists():
@@ -136,8 +138,11 @@ def popularity(data: Path) -> dict:
 
 def run_key(args, name: str, seed: int) -> dict:
     """What makes a run reusable from a --results file: same data, same variant options, seed and epochs."""
-    return {"dataset": args.dataset, "data_seed": args.data_seed, "users": args.users, "variant": name,
-            "options": VARIANTS[name], "seed": seed, "epochs": args.epochs}
+    key = {"dataset": args.dataset, "data_seed": args.data_seed, "users": args.users, "variant": name,
+           "options": VARIANTS[name], "seed": seed, "epochs": args.epochs}
+    if args.synthetic:  # only when given, so that files written before the option still match
+        key["synthetic"] = args.synthetic
+    return key
 
 
 def load_results(path: Path | None) -> list[dict]:
@@ -164,6 +169,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="max epochs; early stopping on validation AUC")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--users", type=int, help="synthetic data: number of users (default 10,000; small for smoke runs)")
+    ap.add_argument("--synthetic", type=json.loads, default=None,
+                    help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 8, "ctr": 0.15}\')')
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", type=Path, help="keep the prepared data here (reused when present)")
     ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
@@ -173,6 +180,14 @@ def main() -> None:
                     help="JSONL of finished runs: reused when their key matches, new runs appended")
     args = ap.parse_args()
     names = args.variants.split(",")
+    if args.synthetic:
+        from dmrx.data.synthetic import SyntheticConfig
+
+        # seed and users have their own flags, which the --results key already records
+        unknown = set(args.synthetic) - (set(SyntheticConfig.__dataclass_fields__) - {"seed", "users"})
+        if args.dataset != "synthetic" or unknown:
+            raise SystemExit(f"--synthetic: fields of SyntheticConfig other than seed and users, for --dataset "
+                             f"synthetic only (got {sorted(unknown) or args.dataset})")
     for n in names:
         if n not in VARIANTS and n != "popularity":
             raise SystemExit(f"unknown variant {n}; choose from {', '.join(VARIANTS)}")
@@ -182,7 +197,7 @@ def main() -> None:
         @functools.cache
         def data() -> Path:  # prepared on first use: a benchmark answered from --results needs no data
             return prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
-                           users=args.users)
+                           users=args.users, synthetic=args.synthetic)
 
         for name in names:
             if name == "popularity":  # no training, no seeds

@@ -48,3 +48,18 @@ def test_quality_results_file_reuses_finished_runs(tmp_path):
     assert [x["key"]["seed"] for x in lines] == [0, 1]
     runs = json.loads(second.stdout)["results"]["lr"]["runs"]
     assert runs[0] == json.loads(first.stdout)["results"]["lr"]["runs"][0] == lines[0]["metrics"]
+
+
+def test_quality_synthetic_overrides_shape_the_data_and_the_key(tmp_path):
+    results = tmp_path / "runs.jsonl"
+    args = ["--users", "300", "--seeds", "1", "--epochs", "1", "--variants", "lr", "--json",
+            "--data-dir", str(tmp_path / "data"), "--results", str(results), "--synthetic", '{"cates": 7}']
+    p = _run("quality.py", *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(results.read_text())["key"]["synthetic"] == {"cates": 7}
+    from dmrx.data.reader import DataFile
+
+    with DataFile(tmp_path / "data" / "train.h5") as f:
+        assert f.read_columns(0, f.n_rows, ["target/cate"])["target/cate"].max() <= 7
+    bad = _run("quality.py", *args[:-1], '{"seed": 3}')
+    assert bad.returncode != 0 and "--synthetic" in bad.stderr
