@@ -69,15 +69,15 @@ VARIANTS = {
 
 
 def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
-            *, users: int | None = None, synthetic: dict | None = None) -> Path:
-    """Write the dataset's train/valid/test files into work (kept when already there); return the dir."""
+            *, synthetic: dict | None = None) -> Path:
+    """Write the dataset's train/valid/test files into work (kept when already there); return the dir.
+    synthetic: SyntheticConfig fields that differ from the defaults (users included)."""
     if (work / "test.h5").exists():
         return work
     if dataset == "synthetic":
         from dmrx.data.synthetic import SyntheticConfig, generate
 
-        sizes = {"users": users} if users else {}
-        generate(work, SyntheticConfig(**{**(synthetic or {}), "seed": data_seed, **sizes}))
+        generate(work, SyntheticConfig(**{**(synthetic or {}), "seed": data_seed}))
         return work
     if dataset == "amazon":
         if not amazon.exists():
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=json.loads, default=None,
                     help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 8, "ctr": 0.15}\')')
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--data-dir", type=Path, help="keep the prepared data here (reused when present)")
+    ap.add_argument("--data-dir", type=Path, help="keep the prepared data here (reused when present, whatever --users or --synthetic say)")
     ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
@@ -197,7 +197,7 @@ def main() -> None:
         @functools.cache
         def data() -> Path:  # prepared on first use: a benchmark answered from --results needs no data
             return prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
-                           users=args.users, synthetic=args.synthetic)
+                           synthetic={**(args.synthetic or {}), **({"users": args.users} if args.users else {})})
 
         for name in names:
             if name == "popularity":  # no training, no seeds
