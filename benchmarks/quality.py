@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--synthetic", type=json.loads, default=None,
                     help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 8, "ctr": 0.15}\')')
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--data-dir", type=Path, help="keep the prepared data here (reused when present, whatever --users or --synthetic say)")
+    ap.add_argument("--data-dir", type=Path,
+                    help="keep the prepared data here (reused when present, whatever --users or --synthetic say)")
     ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
