@@ -17,7 +17,7 @@ app = typer.Typer(help="Create and inspect dmrx data files.", no_args_is_help=Tr
 def synthetic(
     out: Annotated[Path, typer.Option(help="Directory to write train/valid/test/candidates.h5 into.")] = Path("."),
     users: Annotated[int, typer.Option(min=10, help="Number of users (raw ids 1..N).")] = 10_000,
-    items: Annotated[int, typer.Option(min=600, help="Number of items.")] = 20_000,
+    items: Annotated[int, typer.Option(min=600, help="Number of items.")] = 5_000,
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic for a seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
