@@ -3,8 +3,8 @@
 How it is made (all vectorised numpy):
 - Items live in a latent space: an item's vector is its category's direction, half its brand's, and a
   small part of its own (item_noise); brands belong to one category; popularity is log-normal. A model sees
-  each item a few dozen times, so an item's own part is nearly unlearnable: at item_noise 0.15 a model that
-  knew categories and brands exactly would close only 82% of the oracle's gap, at 0.05 95%
+  each item a few dozen times, so an item's own part is nearly unlearnable: on the default data a model
+  that knew categories and brands exactly would close 97.7% of the oracle's gap
   (benchmarks/synthetic_ceiling.py). Users carry a long-term taste p_u (pulled towards a gender-specific
   centre, so profile fields carry signal).
 - Each user's interest s_t drifts as a random walk around p_u. At every step the user picks an item by a
