@@ -11,7 +11,8 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
     python benchmarks/quality.py --variants dmr,i2i_only,u2i_only,no_aux,no_position,shared_double  # Table 2
     python benchmarks/quality.py --users 300 --seeds 1 --epochs 1 --variants lr,dmr  # smoke run
     python benchmarks/quality.py --dataset amazon --seeds 3 --results amazon.jsonl  # reuse finished runs
-    python benchmarks/quality.py --synthetic '{"dim": 8, "ctr": 0.15}'  # change the generator's SyntheticConfig
+    python benchmarks/quality.py --synthetic '{"items": 20000, "cates": 200, "brands": 2000, "dim": 16, "ctr": 0.05}'
+                                          # change the generator's SyntheticConfig: here, the pre-2026-12-03 default
 
 With --results, every finished (variant, seed) run is appended to a JSONL file as soon as it ends, keyed by
 the dataset, data seed, variant options, seed and epochs; a later invocation with the same file reuses the
@@ -170,7 +171,7 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--users", type=int, help="synthetic data: number of users (default 10,000; small for smoke runs)")
     ap.add_argument("--synthetic", type=json.loads, default=None,
-                    help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 8, "ctr": 0.15}\')')
+                    help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 16, "ctr": 0.05}\')')
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--data-dir", type=Path,
                     help="keep the prepared data here (reused when present, whatever --users or --synthetic say)")
