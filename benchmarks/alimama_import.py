@@ -6,7 +6,7 @@ rows/s and the import's peak RSS.
 The generator and the import run in child processes; the import's child reports its own peak RSS
 (resource.getrusage(RUSAGE_SELF).ru_maxrss, cross-checked against /proc/self/status VmHWM), so the figure is
 the import's alone (plus the small parent's RSS, which Linux carries across fork+exec into ru_maxrss). A
-third child that only imports dmrx.data.alimama gives the baseline (interpreter, numpy, h5py).
+third child that only imports dmrx.data.importers.alimama gives the baseline (interpreter, numpy, h5py).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args._baseline:
-        import dmrx.data.alimama  # noqa: F401
+        import dmrx.data.importers.alimama  # noqa: F401
 
         print(json.dumps(_peak_rss_mib()))
         return
@@ -121,7 +121,7 @@ def main() -> None:
         print(json.dumps({}))
         return
     if args._import:
-        from dmrx.data.alimama import import_alimama
+        from dmrx.data.importers.alimama import import_alimama
 
         src, out, chunk = args._import
         t, cpu = time.perf_counter(), time.process_time()

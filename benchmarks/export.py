@@ -23,10 +23,10 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from dmrx import bundle
 from dmrx.export import gates as G
 from dmrx.export.graphs import GraphSpec, to_feeds
 from dmrx.export.int8 import cpu_session
+from dmrx.models import bundle
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:

@@ -26,7 +26,7 @@ def _auc_of_scores(scores_path: Path, test: Path) -> float:
     import h5py
 
     from dmrx.data.reader import DataFile
-    from dmrx.metrics import auc
+    from dmrx.evaluation.metrics import auc
 
     with h5py.File(scores_path) as f:
         scores = f["score"][:]
@@ -43,13 +43,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from dmrx import bundle
     from dmrx.data.reader import DataFile
     from dmrx.data.synthetic import SyntheticConfig, generate
-    from dmrx.model import DMRConfig
-    from dmrx.predict import predict
-    from dmrx.score import score_file
-    from dmrx.train import TrainConfig, train
+    from dmrx.evaluation.predict import predict
+    from dmrx.models import bundle
+    from dmrx.models.dmr import DMRConfig
+    from dmrx.scoring import score_file
+    from dmrx.training.trainer import TrainConfig, train
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on a machine with a GPU (or --device cpu for a dry run)")

@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from dmrx.data.reader import DataFile
-from dmrx.metrics import auc, report
-from dmrx.model import DMRConfig
-from dmrx.predict import predict
-from dmrx.train import TrainConfig, train
+from dmrx.evaluation.metrics import auc, report
+from dmrx.evaluation.predict import predict
+from dmrx.models.dmr import DMRConfig
+from dmrx.training.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 AMAZON = REPO.parent / "shared" / "data" / "amazon-beauty"
@@ -49,7 +49,7 @@ AMAZON = REPO.parent / "shared" / "data" / "amazon-beauty"
 # DMR and the ablations of the paper's Table 2; din_like is DMR without relevance units or positions
 VARIANTS = {
     "dmr": {},
-    # the baselines of the paper's Table 1 (dmrx.baselines), same data path, trainer and evaluation
+    # the baselines of the paper's Table 1 (dmrx.models.baselines), same data path, trainer and evaluation
     "lr": {"model": "lr"},
     "widedeep": {"model": "widedeep"},
     "pnn": {"model": "pnn"},
@@ -83,7 +83,7 @@ def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
     if dataset == "amazon":
         if not amazon.exists():
             raise SystemExit(f"{amazon} is absent: the Amazon Beauty benchmark needs ../shared/data/amazon-beauty")
-        from dmrx.data.amazon import import_amazon
+        from dmrx.data.importers.amazon import import_amazon
 
         import_amazon(amazon, "Beauty", work, seed=data_seed)
         return work
@@ -96,7 +96,7 @@ def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, devic
     summary = train(data / "train.h5", data / "valid.h5", work / f"run-{seed}", cfg,
                     TrainConfig(seed=seed, epochs=epochs, patience=1, device=device), progress_bar=False)
     seconds = time.perf_counter() - t0
-    from dmrx import bundle
+    from dmrx.models import bundle
 
     b = bundle.load(work / f"run-{seed}")
     with DataFile(data / "test.h5") as f:  # the test split, read once

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from dmrx.data.format import Writer  # noqa: E402
 from dmrx.data.reader import DataFile  # noqa: E402
-from dmrx.vocab import Vocab  # noqa: E402
+from dmrx.data.vocab import Vocab  # noqa: E402
 
 BEHAVIOR_FIELDS = ["item", "cate", "brand", "btag"]
 

@@ -92,7 +92,7 @@ LAST_CPU_MS = float("nan")
 def bench_speed(args) -> dict:
     import torch
 
-    from dmrx.retrieval_search import ExactSearch, Int8Search, recall
+    from dmrx.retrieval.search import ExactSearch, Int8Search, recall
 
     set_threads(args.threads)
     k = args.k
@@ -168,7 +168,7 @@ def bench_speed(args) -> dict:
     }
     if not args.no_hnsw:
         try:
-            from dmrx.retrieval_search import HnswSearch, faiss_module
+            from dmrx.retrieval.search import HnswSearch, faiss_module
 
             faiss_module()
         except Exception as e:  # noqa: BLE001 -- the [faiss] extra is optional
@@ -223,13 +223,13 @@ def cpu_name() -> str:
 
 def bench_amazon(args) -> dict:
     try:
-        from dmrx.data.amazon import import_amazon
+        from dmrx.data.importers.amazon import import_amazon
     except ImportError:
         raise SystemExit("--amazon needs the Amazon importer (dmrx/data/amazon.py, `dmrx data amazon`)") from None
-    from dmrx import bundle
-    from dmrx.model import DMRConfig
-    from dmrx.retrieval_eval import evaluate
-    from dmrx.train import TrainConfig, train
+    from dmrx.models import bundle
+    from dmrx.models.dmr import DMRConfig
+    from dmrx.retrieval.evaluate import evaluate
+    from dmrx.training.trainer import TrainConfig, train
 
     src = Path(args.amazon)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dmrx-amazon-"))

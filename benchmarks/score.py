@@ -15,10 +15,10 @@ the arithmetic per row is what matters for throughput, not the weights. With --e
 exported (FP32, FP16 and INT8 graphs; quality gates off, the weights being random) so that the
 onnxruntime configurations are timed as well.
 
-Every configuration is timed end to end through `dmrx.score.score_file` (read, encode, score, commit,
+Every configuration is timed end to end through `dmrx.scoring.score_file` (read, encode, score, commit,
 write the output), after loading the model; naive scoring is torch eager, the full model on one row at a
 time (no grouping, no batching), timed on a sample of --naive-rows rows and extrapolated. FLOPs per
-candidate are counted from the model's shapes (dmrx.score.flops_per_candidate); the machine's peak is
+candidate are counted from the model's shapes (dmrx.scoring.flops_per_candidate); the machine's peak is
 measured in the same run as the best of a few 4096^3 fp32 torch matmuls on the same threads. Wall-clock
 rates depend on what else runs on the machine: CPU seconds are reported beside them.
 """
@@ -74,11 +74,11 @@ def make_run(run_dir: Path, data_path: Path, users: int) -> Path:
     """A complete run bundle holding a freshly initialised default-size DMR over the file's id ranges."""
     import torch
 
-    from dmrx import bundle
+    from dmrx.data.features import declare
     from dmrx.data.reader import DataFile
-    from dmrx.features import declare
-    from dmrx.model import DMRConfig
-    from dmrx.vocab import Vocab
+    from dmrx.data.vocab import Vocab
+    from dmrx.models import bundle
+    from dmrx.models.dmr import DMRConfig
 
     torch.manual_seed(0)
     with DataFile(data_path) as data:
@@ -125,7 +125,7 @@ def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
     import torch
 
     from dmrx.data.reader import DataFile
-    from dmrx.predict import to_tensors
+    from dmrx.evaluation.predict import to_tensors
 
     enc = b.encoder()
     with DataFile(data_path) as data:
@@ -156,10 +156,10 @@ def configs(b, export_dir) -> list[tuple[str, str]]:
     if torch.cuda.is_available():
         out += [("torch-cuda", "fp32"), ("torch-cuda", "fp16"), ("torch-cuda", "bf16")]
     if export_dir is not None:
-        from dmrx.score_backends import _onnx_files
+        from dmrx.scoring.backends import _onnx_files
 
         out += [("onnxruntime", p) for p in ("fp32", "fp16", "int8") if _onnx_files(export_dir, p)]
-        from dmrx.score_backends import _engines, _trt_reason
+        from dmrx.scoring.backends import _engines, _trt_reason
 
         if _trt_reason() is None:
             out += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if _engines(export_dir, p)]
@@ -168,7 +168,7 @@ def configs(b, export_dir) -> list[tuple[str, str]]:
 
 def time_config(b, data_path: Path, backend: str, precision: str, threads: int, batch_size: int,
                 out_dir: Path) -> dict:
-    from dmrx.score import Scorer, score_file
+    from dmrx.scoring import Scorer, score_file
 
     device = "cuda" if backend.endswith("-cuda") else ("cpu" if backend in ("torch", "onnxruntime") else None)
     t0 = time.perf_counter()
@@ -208,8 +208,8 @@ def main(argv=None) -> None:
 
     import torch
 
-    from dmrx.score import flops_per_candidate
-    from dmrx.score_backends import load_model
+    from dmrx.scoring import flops_per_candidate
+    from dmrx.scoring.backends import load_model
 
     torch.set_num_threads(args.threads)
     path = args.file or Path(tempfile.gettempdir()) / f"dmrx-bench-score-{args.rows}.h5"

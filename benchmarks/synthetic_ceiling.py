@@ -20,7 +20,7 @@ import json
 import numpy as np
 
 from dmrx.data import synthetic as S
-from dmrx.metrics import auc
+from dmrx.evaluation.metrics import auc
 
 
 def _history_score(world: S._World, imp: dict, vec: np.ndarray) -> np.ndarray:

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dmrx.features import FeatureSpec
-from dmrx.model import DMR, DMRConfig
-from dmrx.train import NegativeSampler, _optimizers
+from dmrx.data.features import FeatureSpec
+from dmrx.models.dmr import DMR, DMRConfig
+from dmrx.training.trainer import NegativeSampler, _optimizers
 
 T = 50
 # Alimama-like tables: behaviours carry cate/brand/btag, the target adds item, campaign, customer

@@ -99,7 +99,7 @@ def amazon(
 ):
     """Import Amazon review sequences (S3-Rec layout) with leave-last-out splits and one sampled negative
     per positive."""
-    from dmrx.data.amazon import import_amazon
+    from dmrx.data.importers.amazon import import_amazon
 
     with console.status(f"importing {src / name}"):
         summary = import_amazon(src, name, out, seed=seed, max_len=max_len)
@@ -124,7 +124,7 @@ def alimama(
 ):
     """Import the raw Alimama click log: the first 7 days train, the last day tests; histories are the
     user's behaviours before each impression (an external sort keeps memory bounded)."""
-    from dmrx.data.alimama import import_alimama
+    from dmrx.data.importers.alimama import import_alimama
 
     with console.status("importing alimama") as status:
         summary = import_alimama(src, out, chunk_rows=chunk_rows, max_len=max_len, tmp_dir=tmp,
@@ -168,7 +168,7 @@ def csv_(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Import a flat table with delimiter-joined history columns (the FuxiCTR layout): a row per example."""
-    from dmrx.data.csv_import import import_csv, parse_mapping
+    from dmrx.data.importers.tabular import import_csv, parse_mapping
 
     with console.status(f"importing {file}"):
         summary = import_csv(

@@ -23,7 +23,7 @@ def report(
 
     Needs matplotlib (dmrx's plot extra).
     """
-    from dmrx.report import build_report
+    from dmrx.evaluation.report import build_report
 
     res = build_report(run, data, batch_size=batch_size, n_bins=bins)
     if json_out:

@@ -62,7 +62,7 @@ def _progress(enabled: bool = True):
 def _build(
     run: Path | None, data, ann, backend, ef_search, json_out: bool, hnsw_m: int = 32, ef_construction: int = 128
 ):
-    from dmrx.retrieval import build_index
+    from dmrx.retrieval.index import build_index
 
     with _progress() as progress:
         return build_index(
@@ -143,8 +143,8 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print the index manifest as JSON.")] = False,
 ):
     """Show a run's index (checked against the run's weights and its file hashes)."""
-    from dmrx.bundle import resolve_run
-    from dmrx.retrieval import load_index
+    from dmrx.models.bundle import resolve_run
+    from dmrx.retrieval.index import load_index
 
     index = load_index(resolve_run(run))
     if json_out:
@@ -179,8 +179,8 @@ def _read_users(path: Path) -> np.ndarray:
 
 def _open_index(run: Path | None):
     """The run's index; built first (saying so on stderr) when there is none."""
-    from dmrx import bundle
-    from dmrx.retrieval import index_dir, load_index
+    from dmrx.models import bundle
+    from dmrx.retrieval.index import index_dir, load_index
 
     run_dir = bundle.resolve_run(run)
     run_manifest = bundle.verify(run_dir)
@@ -189,7 +189,7 @@ def _open_index(run: Path | None):
             f"{run_dir} has no index yet: building it first (`dmrx index build {run_dir}`)", highlight=False
         )
         with _progress() as progress:
-            from dmrx.retrieval import build_index
+            from dmrx.retrieval.index import build_index
 
             build_index(run_dir, progress=progress)
     return run_dir, load_index(run_dir, run_manifest)
@@ -233,7 +233,7 @@ class _Sink:
         if out is None:
             self.kind, self._fh = ("json" if fmt == "json" else "csv"), sys.stdout
         else:
-            from dmrx.atomic import atomic_file
+            from dmrx.artifacts.atomic import atomic_file
 
             tmp = self._stack.enter_context(atomic_file(out))
             self.kind = (
@@ -437,8 +437,8 @@ def retrieve(
 
 
 def _evaluate(run: Path | None, data: Path | None, exclude_seen: bool, backend: str, fmt: str) -> None:
-    from dmrx import bundle
-    from dmrx.retrieval_eval import evaluate
+    from dmrx.models import bundle
+    from dmrx.retrieval.evaluate import evaluate
 
     if data is None:
         raise DmrxError("--eval needs --data TEST.h5 (a labelled file whose positives are held out)")

@@ -108,7 +108,7 @@ def score(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Score a candidate file with a trained model: CTR per row into /score of an HDF5 file."""
-    from dmrx.score import merge_shards, parse_shard, score_file
+    from dmrx.scoring import merge_shards, parse_shard, score_file
 
     if merge:
         if shard or resume:

@@ -26,7 +26,7 @@ def _default_data() -> tuple[Path, Path | None]:
 
 
 def _latest_unfinished() -> Path:
-    from dmrx.bundle import RUNS_DIR
+    from dmrx.models.bundle import RUNS_DIR
 
     runs = [p for p in RUNS_DIR.glob("*") if (p / "checkpoints" / "LATEST").exists()]
     if not runs:
@@ -50,8 +50,8 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Train a DMR model; the run directory becomes a self-contained model bundle."""
-    from dmrx.train import load_config
-    from dmrx.train import train as run_training
+    from dmrx.training.trainer import load_config
+    from dmrx.training.trainer import train as run_training
 
     overrides = {"epochs": epochs, "seed": seed, "device": device, "batch_size": batch_size,
                  "max_steps": max_steps}
@@ -93,10 +93,10 @@ def evaluate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ):
     """AUC, gAUC, logloss (and the oracle AUC when the file carries true probabilities)."""
-    from dmrx import bundle
     from dmrx.data.reader import DataFile
-    from dmrx.metrics import report
-    from dmrx.predict import predict
+    from dmrx.evaluation.metrics import report
+    from dmrx.evaluation.predict import predict
+    from dmrx.models import bundle
 
     b = bundle.load(run)
     with DataFile(data) as f:

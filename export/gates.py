@@ -18,12 +18,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from dmrx.data.features import Encoder
 from dmrx.data.reader import DataFile
+from dmrx.evaluation.metrics import auc, logloss
+from dmrx.evaluation.predict import to_tensors
 from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
-from dmrx.features import Encoder
-from dmrx.metrics import auc, logloss
-from dmrx.model import DMR
-from dmrx.predict import to_tensors
+from dmrx.models.dmr import DMR
 
 PARITY_TOL = 1e-5
 FP16_AUC_TOL = 0.0005

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dmrx.errors import DmrxError
-from dmrx.model import DMR
+from dmrx.models.dmr import DMR
 
 OPSET = 17  # inside ONNX Runtime's range and the ONNX-TensorRT parser's (9..24 for TensorRT 10.15)
 GRAPHS = ("ranking", "user_encoder", "candidate_scorer")

@@ -24,12 +24,12 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
-from dmrx import bundle as run_bundle
-from dmrx.atomic import atomic_dir
+from dmrx.artifacts.atomic import atomic_dir
 from dmrx.errors import DmrxError
 from dmrx.export import gates as G
 from dmrx.export.graphs import GRAPHS, OPSET, GraphSpec, describe_io, export_graph, opset_of, to_feeds
-from dmrx.model import DMR
+from dmrx.models import bundle as run_bundle
+from dmrx.models.dmr import DMR
 
 FORMAT, VERSION = "dmrx-export", 1
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -25,8 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
-from dmrx.bundle import sha256
 from dmrx.errors import DmrxError
+from dmrx.models.bundle import sha256
 
 DEFAULT_PROFILE = (1, 1024, 8192)  # (min, opt, max) rows on the dynamic batch axes
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",

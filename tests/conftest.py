@@ -43,8 +43,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """A complete run bundle trained for a few dozen steps on tiny_data (small model, fast)."""
-    from dmrx.model import DMRConfig
-    from dmrx.train import TrainConfig, train
+    from dmrx.models.dmr import DMRConfig
+    from dmrx.training.trainer import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     train(tiny_data / "train.h5", tiny_data / "valid.h5", run,

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from dmrx import bundle
-from dmrx.baselines import BASELINES, CROSS_BUCKETS, LR, shared_fields
 from dmrx.cli.app import app
+from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.reader import DataFile
-from dmrx.features import Encoder, declare, fit
-from dmrx.model import DMRConfig
-from dmrx.predict import predict, to_tensors
-from dmrx.train import TrainConfig, _optimizers, train
+from dmrx.evaluation.predict import predict, to_tensors
+from dmrx.models import bundle
+from dmrx.models.baselines import BASELINES, CROSS_BUCKETS, LR, shared_fields
+from dmrx.models.dmr import DMRConfig
+from dmrx.training.trainer import TrainConfig, _optimizers, train
 
 runner = CliRunner()
 SMALL = {"embed_dim": 8, "mlp": (32, 16), "max_len": 20, "num_negatives": 50}

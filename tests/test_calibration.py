@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 
-from dmrx import bundle
 from dmrx.calibration import (
     DataFileReader,
     RangeCache,
@@ -21,6 +20,7 @@ from dmrx.errors import DmrxError
 from dmrx.export import int8
 from dmrx.export.gates import session
 from dmrx.export.graphs import GraphSpec, export_graph
+from dmrx.models import bundle
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == sorted(set(steps))
-    from dmrx import bundle
+    from dmrx.models import bundle
 
     bundle.verify(tmp_path / "ddp")
     # the same global batches and negatives: weights agree up to float rounding

@@ -23,12 +23,12 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
-from dmrx import bundle
 from dmrx.cli.app import app
 from dmrx.export import gates as G
 from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 from dmrx.export.lint import lint
 from dmrx.export.pipeline import ExportOptions, GateFailure, export_run
+from dmrx.models import bundle
 
 runner = CliRunner()
 
@@ -372,8 +372,8 @@ def test_every_gate_passes_on_a_trained_model(tmp_path_factory):
     enough that embedding tables dominate the file (as in real data). The export runs gated, so any
     missed gate raises; the assertions below restate the thresholds from the manifest."""
     from dmrx.data.synthetic import SyntheticConfig, generate
-    from dmrx.model import DMRConfig
-    from dmrx.train import TrainConfig, train
+    from dmrx.models.dmr import DMRConfig
+    from dmrx.training.trainer import TrainConfig, train
 
     data = tmp_path_factory.mktemp("gate_data")
     generate(data, SyntheticConfig(users=2000, items=3000, cates=50, brands=300, mean_len=30, max_len=80,

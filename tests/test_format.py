@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from dmrx.data.format import Writer, write_dataset
 from dmrx.data.reader import DataFile
+from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
-from dmrx.vocab import Vocab
 
 FIELDS = ["item", "cate"]
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
-from dmrx.data.alimama import PROFILE_FIELDS, import_alimama
+from dmrx.data.importers.alimama import PROFILE_FIELDS, import_alimama
 from dmrx.data.reader import DataFile
 
 T = 1494000000  # 2017-05-06 00:00 Beijing time

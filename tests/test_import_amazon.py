@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
-from dmrx.data.amazon import import_amazon, item_fields
+from dmrx.data.importers.amazon import import_amazon, item_fields
 from dmrx.data.reader import DataFile
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

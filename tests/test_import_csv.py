@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
-from dmrx.data.csv_import import default_pairs, hash_id, import_csv, parse_mapping
+from dmrx.data.importers.tabular import default_pairs, hash_id, import_csv, parse_mapping
 from dmrx.data.reader import DataFile
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

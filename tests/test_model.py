@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmrx.features import FeatureSpec
-from dmrx.model import DMR, DMRConfig, masked_softmax
+from dmrx.data.features import FeatureSpec
+from dmrx.models.dmr import DMR, DMRConfig, masked_softmax
 
 T = 12
 
@@ -108,7 +108,7 @@ def test_split_inference_equals_the_full_forward(kw):
 def test_auxiliary_loss_reaches_the_optimiser():
     """V' is trained by the auxiliary task: with beta > 0 the negatives' rows of V' get gradients and move
     after one optimiser step; with the task switched off they do not (a port once dropped this loss)."""
-    from dmrx.train import _optimizers
+    from dmrx.training.trainer import _optimizers
 
     for beta, expect_moved in ((0.1, True), (0.0, False)):
         model = _model(beta=beta)
@@ -179,7 +179,7 @@ def test_input_norm_trains_on_batch_statistics_and_infers_with_its_running_affin
 
 
 def test_a_run_saved_before_the_new_options_loads_as_it_was_trained():
-    from dmrx.model import SAVED_BEFORE
+    from dmrx.models.dmr import SAVED_BEFORE
 
     old = {k: v for k, v in _model(target_product=False, mlp_batchnorm=False).cfg.to_json().items()
            if k not in SAVED_BEFORE}

@@ -1,6 +1,6 @@
 import torch
 
-from dmrx.optim import LazyAdam
+from dmrx.training.optim import LazyAdam
 
 
 def test_lazy_adam_matches_sparse_adam():

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
-from dmrx.report import reliability, roc_curve
+from dmrx.evaluation.report import reliability, roc_curve
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()
@@ -74,8 +74,8 @@ def _train_dir(run):
 
 
 def test_report_of_a_baseline_skips_what_it_lacks(tiny_data, tmp_path):
-    from dmrx.model import DMRConfig
-    from dmrx.train import TrainConfig, train
+    from dmrx.models.dmr import DMRConfig
+    from dmrx.training.trainer import TrainConfig, train
 
     run = tmp_path / "lr"
     train(tiny_data / "train.h5", tiny_data / "valid.h5", run, DMRConfig(model="lr", max_len=20),
@@ -105,8 +105,9 @@ def test_bad_input_is_one_line(dmr_run, tmp_path, monkeypatch):
 
 
 def test_missing_test_file_names_the_option(dmr_run, tmp_path):
-    from dmrx import bundle, report
     from dmrx.errors import DmrxError
+    from dmrx.evaluation import report
+    from dmrx.models import bundle
 
     b = bundle.load(dmr_run)
     b.config["data"]["train"] = str(tmp_path / "train.h5")  # moved away: no test.h5 beside it
@@ -115,7 +116,7 @@ def test_missing_test_file_names_the_option(dmr_run, tmp_path):
 
 
 def test_a_failed_drawing_leaves_no_partial_report(dmr_run, monkeypatch):
-    from dmrx import report
+    from dmrx.evaluation import report
 
     def broken(*a):
         raise RuntimeError("boom")
@@ -134,7 +135,7 @@ def test_roc_and_reliability_helpers():
     fpr, tpr = roc_curve(y, s)
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
     assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
-    from dmrx.metrics import auc
+    from dmrx.evaluation.metrics import auc
 
     assert abs(np.trapezoid(tpr, fpr) - auc(y, s)) < 1e-9  # ties: the trapezoid is the average-rank AUC
     p = rng.random(5000) * 0.2

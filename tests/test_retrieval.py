@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from dmrx.cli.app import app
-from dmrx.retrieval_search import ExactSearch, Int8Search, recall, topk_excluding
+from dmrx.retrieval.search import ExactSearch, Int8Search, recall, topk_excluding
 
 runner = CliRunner()
 
@@ -113,7 +113,7 @@ def test_exclusion_stays_exact():
 
 def test_hnsw_search():
     pytest.importorskip("faiss")
-    from dmrx.retrieval_search import HnswSearch
+    from dmrx.retrieval.search import HnswSearch
 
     rng = np.random.default_rng(2)
     V = rng.standard_normal((3000, 16)).astype(np.float32)
@@ -133,7 +133,7 @@ def test_searchers_pickle_for_ray_and_spark():
     U = rng.standard_normal((5, 8)).astype(np.float32)
     searchers = [ExactSearch(V), Int8Search(V, shortlist=256)]
     try:
-        from dmrx.retrieval_search import HnswSearch
+        from dmrx.retrieval.search import HnswSearch
 
         searchers.append(HnswSearch.build(V, ef_search=64))
     except Exception:  # noqa: BLE001 -- faiss is optional
@@ -146,7 +146,7 @@ def test_searchers_pickle_for_ray_and_spark():
 
 
 def test_metrics_by_hand():
-    from dmrx.retrieval_eval import metrics_from_hits
+    from dmrx.retrieval.evaluate import metrics_from_hits
 
     hits = np.array([[0, 1, 0], [0, 0, 0], [1, 0, 1]], bool)
     n_rel = np.array([1, 1, 2])
@@ -179,18 +179,18 @@ def built(run) -> dict:
 
 @pytest.fixture(scope="module")
 def index(run, built):
-    from dmrx.retrieval import load_index
+    from dmrx.retrieval.index import load_index
 
     return load_index(run)
 
 
 def test_consistency_u_dot_v_equals_model_r(run, tiny_data):
     """u . v' from the retrieval path equals the model's r (Eq. 5) for the same history and target."""
-    from dmrx import bundle
     from dmrx.data.reader import DataFile
-    from dmrx.predict import to_tensors
-    from dmrx.retrieval import item_table
-    from dmrx.retrieval_users import HistoryReader, UserEncoder
+    from dmrx.evaluation.predict import to_tensors
+    from dmrx.models import bundle
+    from dmrx.retrieval.index import item_table
+    from dmrx.retrieval.users import HistoryReader, UserEncoder
 
     b = bundle.load(run)
     enc = b.encoder()
@@ -219,7 +219,7 @@ def test_consistency_u_dot_v_equals_model_r(run, tiny_data):
 
 def test_index_build_users_and_latest_history(run, built, index, tiny_data):
     from dmrx.data.reader import DataFile
-    from dmrx.retrieval_users import latest_histories
+    from dmrx.retrieval.users import latest_histories
 
     assert (
         built["n_items"] == index.n_items
@@ -242,9 +242,9 @@ def test_index_user_vectors_and_seen_items(run, index, tiny_data):
     """Each user's stored u and seen items come from its longest visible history (read independently here)."""
     import h5py
 
-    from dmrx import bundle
     from dmrx.data.reader import DataFile
-    from dmrx.predict import to_tensors
+    from dmrx.evaluation.predict import to_tensors
+    from dmrx.models import bundle
 
     b = bundle.load(run)
     enc = b.encoder()
@@ -394,7 +394,7 @@ def test_missing_index_is_built_first(tiny_run, tmp_path):
 
 
 def test_default_run_is_the_most_recent(run, index, tmp_path, monkeypatch):
-    from dmrx import bundle
+    from dmrx.models import bundle
 
     monkeypatch.chdir(tmp_path)
     bundle.mark_latest(run)
@@ -447,8 +447,8 @@ def test_damaged_or_stale_index_is_detected(tiny_run, tmp_path):
 
 
 def test_eval_model_and_most_popular(run, tiny_data):
-    from dmrx import bundle
     from dmrx.data.reader import DataFile
+    from dmrx.models import bundle
 
     res = invoke("retrieve", run, "--eval", "--data", tiny_data / "test.h5", "--json")
     assert res.exit_code == 0, res.output
@@ -483,8 +483,8 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
         try:
             import onnx
 
-            from dmrx import bundle
             from dmrx.export.graphs import GraphSpec, export_graph
+            from dmrx.models import bundle
         except ImportError as e:
             pytest.skip(f"no exporter to make user_encoder.onnx ({e})")
         b = bundle.load(run)
@@ -492,7 +492,7 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
         onnx.save(export_graph(b.model, GraphSpec.of(b.model), "user_encoder"), run / "export" / "user_encoder.onnx")
         res = invoke("index", "build", run, "--backend", "onnxruntime", "--json")
     assert res.exit_code == 0, res.output
-    from dmrx.retrieval import load_index
+    from dmrx.retrieval.index import load_index
 
     onnx_index = load_index(run)
     assert onnx_index.manifest["backend"] == "onnxruntime"

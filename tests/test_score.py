@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dmrx import bundle
 from dmrx.data.prefetch import prefetch
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.predict import predict
-from dmrx.score import Scorer, Work, flops_per_candidate, group_rows
+from dmrx.evaluation.predict import predict
+from dmrx.models import bundle
+from dmrx.scoring import Scorer, Work, flops_per_candidate, group_rows
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def run_bundle(tiny_run):
 
 @pytest.fixture(scope="module")
 def reference(run_bundle, tiny_data):
-    """Per-row torch scores of candidates.h5 (dmrx.predict: the full model over aligned rows)."""
+    """Per-row torch scores of candidates.h5 (dmrx.evaluation.predict: the full model over aligned rows)."""
     with DataFile(tiny_data / "candidates.h5") as f:
         return predict(run_bundle.model, run_bundle.encoder(), f, batch_size=512)["prob"]
 
@@ -135,7 +135,7 @@ def test_workers_and_split_give_identical_bytes(run_bundle, tiny_data):
 
 def test_grouped_path_equals_reference_path(run_bundle, tiny_data):
     """The rearranged candidate side against model.score_grouped, on uneven groups (1..many per user)."""
-    from dmrx.score_torch import TorchBackend
+    from dmrx.scoring.torch_backend import TorchBackend
 
     fast = TorchBackend(run_bundle, threads=1)
     ref = TorchBackend(run_bundle, threads=1, grouped=False)
@@ -240,7 +240,7 @@ def _attention_inputs(scale: float, seed: int = 0):
 
 
 def _attention_reference(keys, e, mask, q, z, row):
-    from dmrx.model import masked_softmax
+    from dmrx.models.dmr import masked_softmax
 
     a = torch.tanh(keys[row] + q[:, None, :]) @ z
     m = mask[row]
@@ -249,7 +249,7 @@ def _attention_reference(keys, e, mask, q, z, row):
 
 @pytest.mark.parametrize("scale, exp_form", [(0.5, True), (0.5, False), (3.0, True), (3.0, False), (30.0, None)])
 def test_kernel_matches_torch_attention(scale, exp_form):
-    from dmrx import score_kernel
+    from dmrx.scoring import kernel as score_kernel
 
     if score_kernel.load() is None:
         pytest.skip(f"kernel unavailable here: {score_kernel.reason}")
@@ -263,7 +263,7 @@ def test_kernel_matches_torch_attention(scale, exp_form):
 
 
 def test_scoring_with_and_without_kernel_agree(run_bundle, tiny_data, reference, monkeypatch):
-    from dmrx import score_kernel
+    from dmrx.scoring import kernel as score_kernel
 
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
     with_kernel = Scorer(run_bundle, backend="torch", threads=1)
@@ -280,7 +280,7 @@ def test_scoring_with_and_without_kernel_agree(run_bundle, tiny_data, reference,
 
 
 def test_kernel_build_failures_are_reported_not_raised(tmp_path):
-    from dmrx import score_kernel
+    from dmrx.scoring import kernel as score_kernel
 
     lib, why = score_kernel.build(None, tmp_path)
     assert lib is None and "no C compiler" in why

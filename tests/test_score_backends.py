@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dmrx.errors import DmrxError
-from dmrx.score import Scorer, score_file
+from dmrx.scoring import Scorer, score_file
 
 
 @pytest.fixture(scope="module")

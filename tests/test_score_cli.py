@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from dmrx.cli.app import app
 from dmrx.data.format import Writer
-from dmrx.score import TEST_KILL_ENV, score_file
+from dmrx.scoring.files import score_file
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -112,17 +112,33 @@ def test_resume_after_sigkill_mid_commit(cand, tiny_run):
     full = cand.parent / "full.h5"
     score_file(cand, tiny_run, full, batch_size=128, chunk_rows=256)
     out = cand.parent / "killed.h5"
-    cmd = [sys.executable, "-m", "dmrx", "score", str(cand), "--model", str(tiny_run), "--out", str(out),
-           "--batch-size", "128", "--chunk-rows", "256", "--json"]
-    env = {**os.environ, TEST_KILL_ENV: "3", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cand.parent, timeout=600)
+    args = [str(cand), "--model", str(tiny_run), "--out", str(out), "--batch-size", "128", "--chunk-rows", "256",
+            "--json"]
+    # The fault is injected from outside the product: this driver SIGKILLs the process on the 4th state
+    # write (the commit of chunk 3), after chunk 3's scores are on disk - the worst moment to die.
+    driver = (
+        "import os, signal, sys\n"
+        "import dmrx.scoring.files as f\n"
+        "write, calls = f._write_state, []\n"
+        "def dying(pdir, state):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    write(pdir, state)\n"
+        "f._write_state = dying\n"
+        "from dmrx.cli.app import main\n"
+        "sys.argv = ['dmrx', 'score'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", driver, *args], env=env, capture_output=True, text=True,
+                          cwd=cand.parent, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = json.loads((cand.parent / ".killed.h5.partial" / "state.json").read_text())
     assert state["committed_rows"] == 512  # chunk 3 was written, not committed
     assert (cand.parent / ".killed.h5.partial" / "scores.f32").stat().st_size == 768 * 4
-    env.pop(TEST_KILL_ENV)
-    proc = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, cwd=cand.parent,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "dmrx", "score", *args, "--resume"], env=env, capture_output=True,
+                          text=True, cwd=cand.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["resumed_from_row"] == 512
     assert scores(out).tobytes() == scores(full).tobytes()

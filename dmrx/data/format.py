@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx.atomic import atomic_file
+from dmrx.artifacts.atomic import atomic_file
 from dmrx.errors import DmrxError
 
 FORMAT_NAME = "dmrx-data"

@@ -1,6 +1,6 @@
 """Scoring backends behind one interface: `score(work) -> float32 CTRs` and `describe() -> dict`.
 
-- torch (dmrx.score_torch): the run's model; CPU fp32/int8, CUDA fp32/fp16/bf16.
+- torch (dmrx.scoring.torch_backend): the run's model; CPU fp32/int8, CUDA fp32/fp16/bf16.
 - onnxruntime: the export bundle's user_encoder + candidate_scorer graphs (FP32, FP16 or INT8 files);
   CPU provider, and the CUDA / TensorRT execution providers when onnxruntime has them and a GPU is asked
   for. describe() reports the providers the session actually runs (session.get_providers()).
@@ -39,7 +39,7 @@ def load_model(model) -> tuple:
     An export bundle made from other weights than the run's is ignored when found beside the run, and an
     error when named explicitly.
     """
-    from dmrx import bundle as run_bundle
+    from dmrx.models import bundle as run_bundle
 
     explicit_export = None
     if isinstance(model, run_bundle.Bundle):
@@ -134,7 +134,7 @@ def make_backend(bundle, export_dir: Path | None, backend: str, precision: str, 
     if backend == "auto":
         backend, device = auto_backend(export_dir, precision, device)
     if backend == "torch":
-        from dmrx.score_torch import TorchBackend
+        from dmrx.scoring.torch_backend import TorchBackend
 
         return TorchBackend(bundle, precision, device, threads)
     if backend == "onnxruntime":
@@ -162,7 +162,7 @@ class OrtBackend:
                  threads: int | None = None):
         import onnxruntime as ort
 
-        from dmrx.bundle import sha256
+        from dmrx.models.bundle import sha256
 
         manifest = _need_export(bundle, export_dir, "onnxruntime")
         if precision not in manifest.get("precisions", ["fp32"]) or precision == "bf16":
@@ -190,7 +190,7 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         gpu = any(p != "CPUExecutionProvider" for p in providers)
         # as torch: `threads` workers, each session.run on one thread (sessions are thread-safe)
-        from dmrx.score_torch import available_cores
+        from dmrx.scoring.torch_backend import available_cores
 
         self.workers = 1 if gpu else int(threads or available_cores())
         so.intra_op_num_threads = 1 if not gpu else 0

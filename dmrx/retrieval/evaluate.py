@@ -20,8 +20,8 @@ import numpy as np
 
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.retrieval_search import ExactSearch, topk_excluding
-from dmrx.retrieval_users import HistoryReader, UserEncoder
+from dmrx.retrieval.search import ExactSearch, topk_excluding
+from dmrx.retrieval.users import HistoryReader, UserEncoder
 
 KS = (10, 50, 100)
 
@@ -67,7 +67,7 @@ def evaluate(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
 ) -> dict:
     """Retrieval metrics of run bundle `b` on a labelled test file; see the module docstring."""
-    from dmrx.retrieval import item_table
+    from dmrx.retrieval.index import item_table
 
     encoder = UserEncoder(b, backend)
     spec = b.spec

@@ -13,7 +13,7 @@ grouped path here computes the same function from the same weights, rearranged:
 - The first MLP layer splits by input block: the profile block (profile fields and user id) is constant
   for a user's run of candidates, so W1_p x_p is computed once per run of identical profile values and
   added as a bias; only the target-dependent rest goes through the per-candidate GEMM.
-- On CPU in fp32 the attention itself runs in a fused C kernel (dmrx.score_kernel: one loop per candidate,
+- On CPU in fp32 the attention itself runs in a fused C kernel (dmrx.scoring.kernel: one loop per candidate,
   no [T, h] intermediate) when a C compiler is available, else in torch ops as above.
 - int8 (CPU): the MLP's linear layers run as dynamically quantised int8 GEMMs (fbgemm/oneDNN, VNNI where
   the CPU has it); the attention stays fp32.
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmrx.errors import DmrxError
-from dmrx.model import DMR, masked_softmax
+from dmrx.models.dmr import DMR, masked_softmax
 
 CHECK_TOL = 2e-4  # fp32 logits, grouped vs reference: reassociated sums differ by rounding only
 
@@ -86,7 +86,7 @@ class GroupedCandidates(nn.Module):
 
     def __init__(self, model: DMR, int8: bool = False, block_elems: int = 1 << 18, kernel: bool = False):
         super().__init__()
-        self.kernel = kernel  # the fused C kernel (dmrx.score_kernel) for the I2I attention on CPU fp32
+        self.kernel = kernel  # the fused C kernel (dmrx.scoring.kernel) for the I2I attention on CPU fp32
         self.mlp_rows = 1024  # CPU row block of the MLP: [1024, 512] fp32 activations are 2 MiB (L2)
         cfg, spec = model.cfg, model.spec
         if cfg.attention != "additive":
@@ -166,7 +166,7 @@ class GroupedCandidates(nn.Module):
         q = att.w_q(x_t) if att.w_q is not None else x_t.new_zeros(B, H)
         z = att.z.weight.reshape(H, 1)
         if self.kernel and not keys.is_cuda and keys.dtype == torch.float32:
-            from dmrx import score_kernel
+            from dmrx.scoring import kernel as score_kernel
 
             return score_kernel.i2i(keys, e, mask, q, z, user_row)
         g, vuser, slot = self._layout(user_row, U)
@@ -240,7 +240,7 @@ class GroupedCandidates(nn.Module):
 
 
 class TorchBackend:
-    """Scores prepared batches (see dmrx.score.Work) with the run's torch model."""
+    """Scores prepared batches (see dmrx.scoring.scorer.Work) with the run's torch model."""
 
     name = "torch"
 
@@ -280,7 +280,7 @@ class TorchBackend:
             if self._agrees(fast):
                 kernel = False
                 if kernel_ok and not cuda:
-                    from dmrx import score_kernel
+                    from dmrx.scoring import kernel as score_kernel
 
                     if score_kernel.load() is not None:
                         fast.kernel = True

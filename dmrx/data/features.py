@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from dmrx.data.reader import DataFile
+from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
-from dmrx.vocab import Vocab
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The baselines of the paper's Table 1 (LR, Wide&Deep, PNN, DIN, DIEN), trained by the same trainer on
 the same batches as DMR and evaluated by the same code.
 
-Shared conventions, the same as DMR's (dmrx.model):
+Shared conventions, the same as DMR's (dmrx.models.dmr):
 - Embedding tables are `nn.Embedding(sparse=True, padding_idx=0)` in `self.tables`, a ModuleDict in sorted
   table order, one per spec table: a behaviour field and the same-named target field look up one table
   (spec.table_of()). The trainer puts them in SparseAdam, everything else in Adam.
@@ -43,9 +43,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
-from dmrx.features import FeatureSpec
-from dmrx.model import PReLU, _mlp, masked_softmax
+from dmrx.models.dmr import PReLU, _mlp, masked_softmax
 
 BASELINES = ("lr", "widedeep", "pnn", "din", "dien")
 CROSS_BUCKETS = 1 << 18  # hashed (target id, behaviour id) pair weights per shared field (LR and wide part)

@@ -28,10 +28,10 @@ from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
 from dmrx import __version__
+from dmrx.data.features import FeatureSpec
+from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
-from dmrx.features import FeatureSpec
-from dmrx.model import DMR, DMRConfig
-from dmrx.vocab import Vocab
+from dmrx.models.dmr import DMR, DMRConfig
 
 FORMAT = "dmrx-run"
 VERSION = 1
@@ -128,7 +128,7 @@ class Bundle:
         return self.manifest["files"]["model.safetensors"]
 
     def encoder(self):
-        from dmrx.features import Encoder
+        from dmrx.data.features import Encoder
 
         return Encoder(self.spec, self.vocabs)
 
@@ -136,7 +136,7 @@ class Bundle:
 def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> DMR:
     sizes = {t: len(v) for t, v in vocabs.items()}
     if cfg.model != "dmr":
-        from dmrx.baselines import build_baseline
+        from dmrx.models.baselines import build_baseline
 
         return build_baseline(cfg, spec, sizes)
     return DMR(cfg, spec, sizes)

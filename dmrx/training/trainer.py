@@ -1,6 +1,6 @@
 """Training: one loop for CPU and GPU, resumable from any checkpoint, writing a self-contained run bundle.
 
-Embedding tables take sparse gradients and a lazy optimiser (dmrx.optim.LazyAdam): a step only touches the rows
+Embedding tables take sparse gradients and a lazy optimiser (dmrx.training.optim.LazyAdam): a step only touches the rows
 its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
 Checkpoints hold model, both optimisers, the best weights so far, step and the data position (epoch, batch);
 the data order and the negatives depend only on (seed, epoch) and (seed, step), so no RNG state is needed.
@@ -27,16 +27,16 @@ try:
 except ImportError:  # Python 3.10: JSON configs only
     tomllib = None
 
-from dmrx import bundle
-from dmrx.atomic import atomic_dir
+from dmrx.artifacts.atomic import atomic_dir
+from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.reader import DataFile
-from dmrx.distributed import Dist, setup
 from dmrx.errors import DmrxError
-from dmrx.features import Encoder, declare, fit
-from dmrx.metrics import auc
-from dmrx.model import DMR, DMRConfig
-from dmrx.optim import LazyAdam
-from dmrx.predict import predict, to_tensors
+from dmrx.evaluation.metrics import auc
+from dmrx.evaluation.predict import predict, to_tensors
+from dmrx.models import bundle
+from dmrx.models.dmr import DMR, DMRConfig
+from dmrx.training.distributed import Dist, setup
+from dmrx.training.optim import LazyAdam
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dmrx.data.features import Encoder
 from dmrx.data.reader import DataFile
-from dmrx.features import Encoder
-from dmrx.model import DMR
+from dmrx.models.dmr import DMR
 
 
 def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -216,7 +216,7 @@ def _check_export(path: Path, bundle) -> None:
         )
     digest = ((manifest.get("artifacts") or {}).get(path.name) or {}).get("sha256")
     if digest is not None:
-        from dmrx.bundle import sha256
+        from dmrx.models.bundle import sha256
 
         if sha256(path) != digest:
             raise DmrxError(f"{path}: damaged, its sha256 does not match {mpath}")

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmrx import bundle
-from dmrx.atomic import _umask, atomic_dir
+from dmrx.artifacts.atomic import _umask, atomic_dir
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.metrics import report as metric_report
-from dmrx.predict import to_tensors
+from dmrx.evaluation.metrics import report as metric_report
+from dmrx.evaluation.predict import to_tensors
+from dmrx.models import bundle
 
 FIGURES = {
     "fig2_relevance.png": "Figure 2: mean user-to-item relevance r and r_hat on positive and negative test examples.",

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
-from dmrx.features import FeatureSpec
 
 MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dmrx import bundle as bundle_mod
-from dmrx.atomic import atomic_dir
+from dmrx.artifacts.atomic import atomic_dir
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.retrieval_search import ExactSearch, HnswSearch, Int8Search, recall, topk_excluding
-from dmrx.retrieval_users import UserEncoder, default_sources, encode_users, latest_histories
+from dmrx.models import bundle as bundle_mod
+from dmrx.retrieval.search import ExactSearch, HnswSearch, Int8Search, recall, topk_excluding
+from dmrx.retrieval.users import UserEncoder, default_sources, encode_users, latest_histories
 
 FORMAT = "dmrx-index"
 VERSION = 1
@@ -181,7 +181,7 @@ def build_index(
     b = bundle_mod.load(run)
     encoder = UserEncoder(b, backend)  # checks use_u2i and the backend before any reading
     if ann == "hnsw":
-        from dmrx.retrieval_search import faiss_module
+        from dmrx.retrieval.search import faiss_module
 
         faiss_module()
     paths = [Path(p) for p in data] if data else default_sources(b.config)
