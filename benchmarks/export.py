@@ -24,18 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dmrx.export import gates as G
-from dmrx.export.graphs import GraphSpec, to_feeds
-from dmrx.export.int8 import cpu_session
 from dmrx.models import bundle
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    """INT8 graphs load through dmrx.export.int8.cpu_session, as every dmrx CPU consumer loads them."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return cpu_session(path, opts)
+from dmrx.runtime.graphs import GraphSpec, to_feeds
+from dmrx.runtime.ort import session
 
 
 def rows_per_s(sess: ort.InferenceSession, feeds: dict, seconds: float, rounds: int = 5) -> float:
@@ -72,7 +63,7 @@ def main(argv=None) -> int:
     data = args.data or manifest.get("quality_data", {}).get("path")
     rows = G.sample_rows(Path(data) if data else None, b.encoder(), b.model, max(args.batch))
     precisions = [p for p in ("fp32", "fp16", "int8") if (args.export_dir / _name(p)).exists()]
-    sessions = {p: _session(args.export_dir / _name(p), args.threads) for p in precisions}
+    sessions = {p: session(args.export_dir / _name(p), threads=args.threads) for p in precisions}
     results: dict = {"export": str(args.export_dir), "threads": args.threads, "ort": ort.__version__,
                      "precisions": {}, "batches": args.batch}
     for p in precisions:

@@ -74,6 +74,7 @@ def make_run(run_dir: Path, data_path: Path, users: int) -> Path:
     """A complete run bundle holding a freshly initialised default-size DMR over the file's id ranges."""
     import torch
 
+    from dmrx.artifacts.atomic import write_json
     from dmrx.data.features import declare
     from dmrx.data.reader import DataFile
     from dmrx.data.vocab import Vocab
@@ -90,15 +91,15 @@ def make_run(run_dir: Path, data_path: Path, users: int) -> Path:
     cfg = DMRConfig()
     model = bundle.build_model(cfg, spec, vocabs).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
-    bundle.write_json(run_dir / "config.json", {"data": {"train": str(data_path), "valid": None},
+    write_json(run_dir / "config.json", {"data": {"train": str(data_path), "valid": None},
                                                 "model": cfg.to_json(), "train": {}})
-    bundle.write_json(run_dir / "schema.json", spec.to_json())
+    write_json(run_dir / "schema.json", spec.to_json())
     sampler = np.ones(len(vocabs["item"]))
     sampler[0] = 0
     bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, sampler)
     bundle.save_weights(model, run_dir / "model.safetensors")
     (run_dir / "metrics.jsonl").write_text("")
-    bundle.write_json(run_dir / "summary.json", {"note": "freshly initialised by benchmarks/score.py"})
+    write_json(run_dir / "summary.json", {"note": "freshly initialised by benchmarks/score.py"})
     bundle.write_manifest(run_dir)
     return run_dir
 
@@ -148,21 +149,19 @@ def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
     return {"rows_timed": n, "wall_s": wall, "cpu_s": cpu, "rows_per_s": n / wall, "rows_per_cpu_s": n / cpu}
 
 
-def configs(b, export_dir) -> list[tuple[str, str]]:
+def configs(manifest: dict | None) -> list[tuple[str, str]]:
     """(backend, precision) pairs this machine and bundle can run."""
     import torch
+
+    from dmrx.runtime.tensorrt import unavailable_reason
+    from dmrx.scoring.backends import _has_engines, _has_graphs
 
     out = [("torch", "fp32"), ("torch", "int8")]
     if torch.cuda.is_available():
         out += [("torch-cuda", "fp32"), ("torch-cuda", "fp16"), ("torch-cuda", "bf16")]
-    if export_dir is not None:
-        from dmrx.scoring.backends import _onnx_files
-
-        out += [("onnxruntime", p) for p in ("fp32", "fp16", "int8") if _onnx_files(export_dir, p)]
-        from dmrx.scoring.backends import _engines, _trt_reason
-
-        if _trt_reason() is None:
-            out += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if _engines(export_dir, p)]
+    out += [("onnxruntime", p) for p in ("fp32", "fp16", "int8") if _has_graphs(manifest, p)]
+    if unavailable_reason() is None:
+        out += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if _has_engines(manifest, p)]
     return out
 
 
@@ -231,7 +230,7 @@ def main(argv=None) -> None:
         export_run(run, ExportOptions(fp16=True, int8=True, calib_data=path, eval_data=path, eval_rows=20_000,
                                       gate=False, engine="tensorrt" if args.engine else None))
         export_s = time.perf_counter() - t0
-    b, export_dir = load_model(run)
+    b, export_dir, export_manifest = load_model(run)
     flops = flops_per_candidate(b.model)
     peak = peak_gflops(args.threads)
     naive = naive_rows_per_s(b, path, args.naive_rows)
@@ -246,7 +245,7 @@ def main(argv=None) -> None:
         "flops_per_candidate": flops, "peak_gflops_fp32_matmul": peak, "naive": naive, "configs": results,
     }
     with tempfile.TemporaryDirectory(prefix="dmrx-bench-score-") as tmp:
-        for backend, precision in configs(b, export_dir):
+        for backend, precision in configs(export_manifest):
             if wanted is not None and (backend, precision) not in wanted:
                 continue
             try:

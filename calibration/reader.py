@@ -18,7 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from dmrx.data.features import Encoder
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
+from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
 
 MIN_ROWS = 64  # fewer rows than this calibrate nothing worth trusting
 

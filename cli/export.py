@@ -96,5 +96,5 @@ def export(
     for col in ("file", "precision", "bytes", "sha256"):
         files.add_column(col, justify="right" if col == "bytes" else "left")
     for name, a in manifest["artifacts"].items():
-        files.add_row(name, a.get("precision", "-"), f"{a['bytes']:,}", a["sha256"][:16])
+        files.add_row(name, a.get("precision", "-"), f"{a['bytes']:,}", manifest["files"][name][:16])
     console.print(files)

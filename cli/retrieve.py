@@ -77,8 +77,8 @@ def _build(
         )
 
 
-def _summary_table(m: dict) -> Table:
-    table = Table(title=f"index of {m['run']}", show_header=False)
+def _summary_table(m: dict, path) -> Table:
+    table = Table(title=f"index {path}", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("users", f"{m['n_users']:,}")
@@ -133,7 +133,7 @@ def build(
     if json_out:
         print_json(manifest)
     else:
-        console.print(_summary_table(manifest))
+        console.print(_summary_table(manifest, manifest["path"]))
 
 
 @index_app.command("info")
@@ -150,7 +150,7 @@ def info(
     if json_out:
         print_json(index.manifest)
     else:
-        console.print(_summary_table(index.manifest))
+        console.print(_summary_table(index.manifest, index.path))
 
 
 def _parse_user(text: str, where: str) -> int:

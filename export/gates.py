@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from dmrx.data.features import Encoder
 from dmrx.data.reader import DataFile
 from dmrx.evaluation.metrics import auc, logloss
 from dmrx.evaluation.predict import to_tensors
-from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 from dmrx.models.dmr import DMR
+from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
+from dmrx.runtime.ort import session
 
 PARITY_TOL = 1e-5
 FP16_AUC_TOL = 0.0005
@@ -44,17 +44,6 @@ class Gate:
     def to_json(self) -> dict:
         return {"name": self.name, "value": self.value, "threshold": self.threshold, "passed": self.passed,
                 "note": self.note}
-
-
-def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session; INT8 graphs are arranged for CPU kernels at load (int8.cpu_session)."""
-    from dmrx.export.int8 import cpu_session
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return cpu_session(path, opts)
 
 
 def _keys(encoder: Encoder, label: bool) -> list[str]:

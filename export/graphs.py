@@ -4,10 +4,9 @@
 - user_encoder:     history -> the user-side tensors (hist_emb, mask, u, i2i_keys)
 - candidate_scorer: user-side tensors of U users + user_row [C] + candidate features [C] -> ctr [C], ...
 
-Inputs are named after the batch keys with "/" written "__" ("hist/item" -> "hist__item"): "/" is not a
-valid name everywhere ONNX names travel (TensorRT engine bindings, some runtimes' C identifiers). The
-mapping is recorded in the manifest. The history length T is fixed at the model's max_len (the reader
-always assembles T = max_len slots); only the batch axis is dynamic.
+Their inputs and outputs (names, order, dtypes) are the contract in dmrx.runtime.graphs. The history
+length T is fixed at the model's max_len (the reader always assembles T = max_len slots); only the batch
+axis is dynamic.
 
 Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. torch 2.13's default dynamo
 exporter needs the onnxscript package (not a dependency of dmrx), and the TorchScript path takes
@@ -19,63 +18,15 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 
-from dmrx.errors import DmrxError
 from dmrx.models.dmr import DMR
+from dmrx.runtime.graphs import USER_PREFIX, GraphSpec
 
 OPSET = 17  # inside ONNX Runtime's range and the ONNX-TensorRT parser's (9..24 for TensorRT 10.15)
-GRAPHS = ("ranking", "user_encoder", "candidate_scorer")
-USER_TENSORS = ("hist_emb", "mask", "u", "i2i_keys")  # what the candidate side reads (u2i_proj is not)
-USER_PREFIX = "user__"  # candidate_scorer's inputs holding user-side tensors: user__hist_emb, ...
-
-
-def onnx_name(key: str) -> str:
-    return key.replace("/", "__")
-
-
-@dataclass
-class GraphSpec:
-    """Which batch keys and tensors a model's graphs read and write."""
-
-    hist_keys: list[str]  # hist/<field> ... and hist_len
-    cand_keys: list[str]  # target/*, profile/*, user_index, context/*, dense/*
-    user_outputs: list[str]  # user-side tensors the encoder emits, in order
-    score_outputs: list[str]  # ctr, logit, r?, r_hat?
-    max_len: int
-    names: dict[str, str] = field(default_factory=dict)  # batch key -> ONNX input name
-
-    @classmethod
-    def of(cls, model: DMR) -> GraphSpec:
-        spec, cfg = model.spec, model.cfg
-        hist = [f"hist/{f}" for f in spec.behaviors] + ["hist_len"]
-        cand = [f"target/{f}" for f in spec.target] + spec.profile_keys()
-        cand += [f"context/{f}" for f in spec.context] + [f"dense/{f}" for f in spec.dense]
-        user = ["hist_emb", "mask"] + ["u"] * cfg.use_u2i + ["i2i_keys"] * cfg.use_i2i
-        score = ["ctr", "logit"] + ["r"] * cfg.use_u2i + ["r_hat"] * cfg.use_i2i
-        names = {k: onnx_name(k) for k in hist + cand}
-        return cls(hist, cand, user, score, cfg.max_len, names)
-
-    def inputs(self, graph: str) -> list[str]:
-        """ONNX input names of a graph, in order."""
-        if graph == "ranking":
-            return [self.names[k] for k in self.hist_keys + self.cand_keys]
-        if graph == "user_encoder":
-            return [self.names[k] for k in self.hist_keys]
-        if graph == "candidate_scorer":
-            return [USER_PREFIX + t for t in self.user_outputs] + ["user_row"] + \
-                [self.names[k] for k in self.cand_keys]
-        raise ValueError(graph)
-
-    def outputs(self, graph: str) -> list[str]:
-        return self.user_outputs if graph == "user_encoder" else self.score_outputs
-
-
 class _Ranking(nn.Module):
     def __init__(self, model: DMR, gs: GraphSpec):
         super().__init__()
@@ -163,29 +114,6 @@ def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> o
                 d.dim_value = int(t.shape[axis])
     onnx.checker.check_model(proto)
     return proto
-
-
-def to_feeds(batch: dict[str, np.ndarray], gs: GraphSpec, graph: str) -> dict[str, np.ndarray]:
-    """An encoded batch (after Encoder.finish) -> the ranking or user_encoder graph's feeds."""
-    keys = gs.hist_keys + (gs.cand_keys if graph == "ranking" else [])
-    feeds = {}
-    for k in keys:
-        if k not in batch:
-            raise DmrxError(f"the batch lacks {k!r}, which the {graph} graph reads")
-        dtype = np.float32 if k.startswith("dense/") else np.int64
-        feeds[gs.names[k]] = np.ascontiguousarray(batch[k], dtype=dtype)
-    return feeds
-
-
-def candidate_feeds(user: dict[str, np.ndarray], user_row: np.ndarray, batch: dict[str, np.ndarray],
-                    gs: GraphSpec) -> dict[str, np.ndarray]:
-    """The candidate_scorer's feeds: user-side tensors [U, ...], user_row [C], candidate features [C]."""
-    feeds = {USER_PREFIX + k: np.ascontiguousarray(user[k], dtype=np.float32) for k in gs.user_outputs}
-    feeds["user_row"] = np.ascontiguousarray(user_row, dtype=np.int64)
-    for k in gs.cand_keys:
-        dtype = np.float32 if k.startswith("dense/") else np.int64
-        feeds[gs.names[k]] = np.ascontiguousarray(batch[k], dtype=dtype)
-    return feeds
 
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",

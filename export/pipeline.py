@@ -7,13 +7,12 @@
       *.fp16.onnx, *.int8.onnx        with --fp16 / --int8
       v_out.safetensors               V' ("v_out" [N, d]) and the match field's raw ids ("raw_ids" [N], -1 = padding)
       engines/*.plan                  with --engine tensorrt
-      manifest.json                   written last: artifacts (io, opset, precision, sha256), parity, quality,
-                                      gates, calibration, library versions
+      manifest.json                   written last: files (sha256), artifacts (io, opset, precision), parity,
+                                      quality, gates, calibration, library versions (dmrx.runtime.export_bundle)
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,14 +23,17 @@ import onnx
 import torch
 from safetensors.numpy import save_file
 
+from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir
 from dmrx.errors import DmrxError
 from dmrx.export import gates as G
-from dmrx.export.graphs import GRAPHS, OPSET, GraphSpec, describe_io, export_graph, opset_of, to_feeds
+from dmrx.export.graphs import OPSET, describe_io, export_graph, opset_of
 from dmrx.models import bundle as run_bundle
 from dmrx.models.dmr import DMR
+from dmrx.runtime import export_bundle
+from dmrx.runtime.graphs import GRAPHS, GraphSpec, to_feeds
+from dmrx.runtime.ort import session
 
-FORMAT, VERSION = "dmrx-export", 1
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_CALIB_ROWS = 4096
 DEFAULT_EVAL_ROWS = 100_000
@@ -63,10 +65,6 @@ class ExportOptions:
     timing: bool = True
     cache_dir: Path | None = None  # calibration range cache (default RUN/.calibration-cache)
     extra: dict = field(default_factory=dict)
-
-
-def file_name(graph: str, precision: str) -> str:
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
 
 
 def _data_paths(b: run_bundle.Bundle, opts: ExportOptions) -> tuple[Path | None, Path | None]:
@@ -126,7 +124,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
     model, gs = b.model.eval(), GraphSpec.of(b.model)
     precisions = ["fp32"] + ["fp16"] * opts.fp16 + ["int8"] * opts.int8
     manifest: dict = {
-        "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {"run": str(b.path.resolve()), "weights_sha256": b.weights_hash,
                    "run_manifest_files": b.manifest.get("files", {})},
         "opset": OPSET, "exporter": f"torch.onnx.export TorchScript-based (dynamo=False), torch {torch.__version__}",
@@ -138,7 +136,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         for graph in GRAPHS:
             say(f"exporting {graph} (FP32)")
             proto = export_graph(model, gs, graph)
-            paths["fp32"][graph] = tmp / file_name(graph, "fp32")
+            paths["fp32"][graph] = tmp / export_bundle.graph_name(graph, "fp32")
             onnx.save(proto, str(paths["fp32"][graph]))
         say("writing V' (v_out.safetensors)")
         match_vocab = b.vocabs[model.match_table]
@@ -158,7 +156,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             for graph in GRAPHS:
                 say(f"converting {graph} to FP16")
                 proto = fp16_mod.convert(onnx.load(str(paths["fp32"][graph])))
-                paths["fp16"][graph] = tmp / file_name(graph, "fp16")
+                paths["fp16"][graph] = tmp / export_bundle.graph_name(graph, "fp16")
                 onnx.save(proto, str(paths["fp16"][graph]))
             manifest["fp16"] = {"fp32_islands": fp16_mod.fp32_islands(onnx.load(str(paths["fp16"]["ranking"]))),
                                 "io": "FP32 (casts inside the graph)"}
@@ -204,8 +202,8 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             for graph in GRAPHS:
                 path = paths[p][graph]
                 proto = onnx.load(str(path))
-                entry = {"graph": graph, "precision": p, "bytes": path.stat().st_size,
-                         "sha256": run_bundle.sha256(path), "opset": opset_of(proto), **describe_io(proto)}
+                entry = {"graph": graph, "precision": p, "bytes": path.stat().st_size, "opset": opset_of(proto),
+                         **describe_io(proto)}
                 if opts.check_tensorrt:
                     from dmrx.export.lint import lint
 
@@ -216,12 +214,12 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         vpath = tmp / "v_out.safetensors"
         manifest["artifacts"]["v_out.safetensors"] = {
             "kind": "V' (output item table) and the match field's raw ids", "bytes": vpath.stat().st_size,
-            "sha256": run_bundle.sha256(vpath), "precision": "fp32",
+            "precision": "fp32",
             "tensors": {"v_out": {"dtype": "float32", "shape": list(model.output_table().shape)},
                         "raw_ids": {"dtype": "int64", "shape": [int(model.output_table().shape[0])]}},
             "match_field": model.cfg.match_field}
         for rel, info in manifest.get("engines", {}).items():
-            manifest["artifacts"][rel] = info
+            manifest["artifacts"][rel] = {k: v for k, v in info.items() if k != "sha256"}
         if opts.check_tensorrt:
             failed_files = [n for n, a in manifest["artifacts"].items()
                             if not a.get("tensorrt_lint", {}).get("ok", True)]
@@ -235,7 +233,8 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         if failed:
             manifest["gate_override"] = "written with --no-gate although gates missed: " + \
                 ", ".join(g.name for g in failed)
-        run_bundle.write_json(tmp / "manifest.json", manifest)
+        manifest = manifests.write(tmp, export_bundle.FORMAT, export_bundle.VERSION, manifest["artifacts"],
+                                   **manifest)
     manifest["path"] = str(out)
     return manifest
 
@@ -273,16 +272,16 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
     cache.prepare()
     info: dict = {"data": str(calib), "rows": rows, "method": opts.calib_method, "cache_dir": str(cache.root),
                   "graphs": {}}
-    user_sess = G.session(paths["fp32"]["user_encoder"])
+    user_sess = session(paths["fp32"]["user_encoder"])
     for graph in GRAPHS:
         src = paths["fp32"][graph]
-        key = cache_key(b.weights_hash, run_bundle.sha256(src), opts.calib_method, calib, rows, graph)
+        key = cache_key(b.weights_hash, manifests.sha256(src), opts.calib_method, calib, rows, graph)
         hit = cache.has(key)
         say(f"quantizing {graph} to INT8 ({opts.calib_method}, "
             f"{'cached ranges' if hit else f'calibrating on {rows} rows'})")
         reader = DataFileReader(calib, encoder, gs, graph, rows=rows,
                                 user_session=user_sess if graph == "candidate_scorer" else None)
-        paths["int8"][graph] = tmp / file_name(graph, "int8")
+        paths["int8"][graph] = tmp / export_bundle.graph_name(graph, "int8")
         res = int8_mod.quantize(src, paths["int8"][graph], reader, opts.calib_method, cache.path(key))
         res["cache_key"] = key
         res["rows"] = rows
@@ -291,4 +290,4 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
 
 
 def load_manifest(out: Path) -> dict:
-    return json.loads((Path(out) / "manifest.json").read_text())
+    return export_bundle.read(out)

@@ -1,4 +1,4 @@
-"""TensorRT engines from the FP16 and the Q/DQ INT8 ONNX graphs, and a runtime over torch CUDA tensors.
+"""Building TensorRT engines from the FP16 and the Q/DQ INT8 ONNX graphs (running them: dmrx.runtime.tensorrt).
 
 Written for the TensorRT 10.12+ / 11 Python API:
 - strongly typed networks (NetworkDefinitionCreationFlag.STRONGLY_TYPED; TensorRT 11 accepts and ignores
@@ -8,8 +8,6 @@ Written for the TensorRT 10.12+ / 11 Python API:
 - a timing cache (kept beside the engine cache and reused across builds);
 - an engine cache keyed on TensorRT version + GPU name + compute capability + the ONNX file's sha256
   + the profile, so a different card, TensorRT or graph never reuses a stale plan;
-- `Engine`: deserialises a plan and runs it on torch CUDA tensors with set_input_shape /
-  set_tensor_address / execute_async_v3 on the current torch stream.
 
 TensorRT is an optional dependency (`pip install dmrx[trt]`): everything here is import-guarded and
 `require()` says plainly what is missing. NOT verified on a machine with TensorRT in this repository's
@@ -21,46 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
+from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.manifests import sha256
 from dmrx.errors import DmrxError
-from dmrx.models.bundle import sha256
+from dmrx.runtime.tensorrt import _logger, require
 
 DEFAULT_PROFILE = (1, 1024, 8192)  # (min, opt, max) rows on the dynamic batch axes
 _DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
                 "INT8": "int8"}
-
-
-def _import_trt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415
-    except ImportError:
-        return None
-    return trt
-
-
-def unavailable_reason() -> str | None:
-    """None when TensorRT and a CUDA GPU are usable, else why not (one line)."""
-    trt = _import_trt()
-    if trt is None:
-        return "TensorRT is not installed (pip install 'dmrx[trt]', TensorRT >= 10.12, needs NVIDIA's package host)"
-    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
-    if (major, minor) < (10, 12):
-        return f"TensorRT {trt.__version__} is too old: dmrx builds strongly typed engines with TensorRT >= 10.12"
-    import torch  # noqa: PLC0415
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to torch (TensorRT engines run on a GPU)"
-    return None
-
-
-def require():
-    reason = unavailable_reason()
-    if reason:
-        raise DmrxError(f"--engine tensorrt: {reason}")
-    return _import_trt()
 
 
 def engine_key(onnx_path: Path, profile=DEFAULT_PROFILE) -> dict:
@@ -75,10 +44,6 @@ def engine_key(onnx_path: Path, profile=DEFAULT_PROFILE) -> dict:
     return ident
 
 
-def _logger(trt):
-    return trt.Logger(trt.Logger.WARNING)
-
-
 def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None, profile=DEFAULT_PROFILE,
                  workspace_bytes: int = 1 << 30) -> dict:
     """Build (or fetch from the engine cache) a plan for onnx_path; write it to plan_path."""
@@ -91,7 +56,8 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None
         cache_dir.mkdir(parents=True, exist_ok=True)
         cached = cache_dir / f"{ident['key']}.plan"
         if cached.is_file():
-            shutil.copyfile(cached, plan_path)
+            with atomic_file(plan_path) as tmp:
+                shutil.copyfile(cached, tmp)
             return {**ident, "cache_hit": True, "bytes": plan_path.stat().st_size, "sha256": sha256(plan_path)}
     logger = _logger(trt)
     builder = trt.Builder(logger)
@@ -123,61 +89,12 @@ def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise DmrxError(f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)")
-    plan_path.write_bytes(bytes(plan))
+    with atomic_file(plan_path) as tmp:
+        tmp.write_bytes(bytes(plan))
     if timing_path is not None:
-        tmp = timing_path.with_suffix(".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_path)
+        with atomic_file(timing_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     if cached is not None:
-        tmp = cached.with_suffix(".tmp")
-        shutil.copyfile(plan_path, tmp)
-        os.replace(tmp, cached)
+        with atomic_file(cached) as tmp:
+            shutil.copyfile(plan_path, tmp)
     return {**ident, "cache_hit": False, "bytes": plan_path.stat().st_size, "sha256": sha256(plan_path)}
-
-
-class Engine:
-    """A deserialised plan run on torch CUDA tensors (execute_async_v3 on the current torch stream)."""
-
-    def __init__(self, plan_path: str | os.PathLike):
-        trt = require()
-        import torch  # noqa: PLC0415
-
-        self._trt, self._torch = trt, torch
-        self.runtime = trt.Runtime(_logger(trt))
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
-        if self.engine is None:
-            raise DmrxError(f"{plan_path}: not a TensorRT plan for this TensorRT version and GPU")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-
-    def _torch_dtype(self, name: str):
-        t = self._torch
-        dt = self.engine.get_tensor_dtype(name)
-        return {self._trt.float32: t.float32, self._trt.float16: t.float16, self._trt.int64: t.int64,
-                self._trt.int32: t.int32, self._trt.bool: t.bool, self._trt.int8: t.int8}[dt]
-
-    def __call__(self, feeds: dict) -> dict:
-        """feeds: input name -> torch tensor (moved to CUDA and cast to the engine's dtype if needed)."""
-        torch = self._torch
-        missing = [n for n in self.inputs if n not in feeds]
-        if missing:
-            raise DmrxError(f"TensorRT engine inputs missing: {missing}")
-        keep = {}
-        for name in self.inputs:
-            x = feeds[name]
-            x = torch.as_tensor(x).to("cuda", dtype=self._torch_dtype(name), non_blocking=True).contiguous()
-            keep[name] = x
-            self.context.set_input_shape(name, tuple(x.shape))
-            self.context.set_tensor_address(name, x.data_ptr())
-        outs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self.context.set_tensor_address(name, outs[name].data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise DmrxError("TensorRT execute_async_v3 failed")
-        stream.synchronize()
-        return outs

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
+from dmrx.artifacts import manifests
 from dmrx.calibration import (
     DataFileReader,
     RangeCache,
@@ -18,9 +19,10 @@ from dmrx.calibration import (
 )
 from dmrx.errors import DmrxError
 from dmrx.export import int8
-from dmrx.export.gates import session
-from dmrx.export.graphs import GraphSpec, export_graph
+from dmrx.export.graphs import export_graph
 from dmrx.models import bundle
+from dmrx.runtime.graphs import GraphSpec
+from dmrx.runtime.ort import session
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_quantize_each_method_then_reuse_the_cache(graphs, tiny_data, tmp_path, 
     b, gs, paths = graphs
     cache = RangeCache(tmp_path / "cache")
     cache.prepare()
-    key = cache_key(b.weights_hash, bundle.sha256(paths["ranking"]), method, tiny_data / "train.h5", 256, "ranking")
+    key = cache_key(b.weights_hash, manifests.sha256(paths["ranking"]), method, tiny_data / "train.h5", 256, "ranking")
     r = DataFileReader(tiny_data / "train.h5", b.encoder(), gs, "ranking", rows=256)
     first = int8.quantize(paths["ranking"], tmp_path / "a.onnx", r, method, cache.path(key))
     assert not first["cache_hit"] and first["rows"] == 256 and cache.has(key)

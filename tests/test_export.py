@@ -23,12 +23,13 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from dmrx.artifacts import manifests
 from dmrx.cli.app import app
 from dmrx.export import gates as G
-from dmrx.export.graphs import GraphSpec, candidate_feeds, to_feeds
 from dmrx.export.lint import lint
 from dmrx.export.pipeline import ExportOptions, GateFailure, export_run
 from dmrx.models import bundle
+from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
 
 runner = CliRunner()
 
@@ -99,9 +100,9 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
     names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer")
              for s in ("", ".fp16", ".int8")}
-    assert names | {"v_out.safetensors"} == set(m["artifacts"])
+    assert names | {"v_out.safetensors"} == set(m["artifacts"]) == set(m["files"])
     for name, a in m["artifacts"].items():
-        assert a["sha256"] == bundle.sha256(exported / name)
+        assert m["files"][name] == manifests.sha256(exported / name)
         if name.endswith(".onnx"):
             assert a["opset"] == 17 and a["inputs"] and a["outputs"]
             assert all("/" not in i["name"] for i in a["inputs"])
@@ -305,9 +306,9 @@ def test_bad_calib_method(tiny_run, tmp_path):
 
 # ---- TensorRT (needs TensorRT and a GPU) -----------------------------------------------------------------
 def test_engine_tensorrt_without_tensorrt_is_a_clear_error(tiny_run, tmp_path):
-    from dmrx.export import tensorrt as trt_mod
+    from dmrx.runtime.tensorrt import unavailable_reason
 
-    if trt_mod.unavailable_reason() is None:
+    if unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present: the missing-TensorRT message cannot be shown here")
     res = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "o"), "--engine", "tensorrt"])
     _assert_one_line_error(res, "--engine tensorrt")
@@ -315,9 +316,9 @@ def test_engine_tensorrt_without_tensorrt_is_a_clear_error(tiny_run, tmp_path):
 
 
 def _trt_reason():
-    from dmrx.export import tensorrt as trt_mod
+    from dmrx.runtime.tensorrt import unavailable_reason
 
-    return trt_mod.unavailable_reason()
+    return unavailable_reason()
 
 
 @pytest.mark.tensorrt
@@ -342,7 +343,7 @@ def test_tensorrt_engine_matches_onnxruntime(exported, tiny_run, tiny_data, tmp_
 
 
 def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
-    from dmrx.export.int8 import X64_PRECISION, cpu_session, for_cpu
+    from dmrx.runtime.ort import X64_PRECISION, for_cpu, session
 
     b = bundle.load(tiny_run)
     gs = GraphSpec.of(b.model)
@@ -353,14 +354,14 @@ def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
     assert not lint(cpu).ok and lint(stored).ok
     feeds = to_feeds(_edge_batch(tiny_data, b, 64), gs, "ranking")
     # the reference is the stored graph's own Q/DQ arithmetic: graph optimizations off, so no fused integer
-    # kernels, whose sums saturate on x86 CPUs without VNNI unless told not to (int8.X64_PRECISION)
+    # kernels, whose sums saturate on x86 CPUs without VNNI unless told not to (X64_PRECISION)
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     a, c = (ort.InferenceSession(m.SerializeToString(), plain, providers=["CPUExecutionProvider"])
             .run(["ctr"], feeds)[0] for m in (stored, cpu))
     assert np.abs(a - c).max() <= 1e-6  # the rewrite itself
     # and what every dmrx CPU consumer runs: the rearrangement on fused integer kernels, on any CPU
-    s = cpu_session(stored)
+    s = session(stored)
     assert s.get_session_options().get_session_config_entry(X64_PRECISION[0]) == X64_PRECISION[1]
     assert np.abs(a - s.run(["ctr"], feeds)[0]).max() <= 1e-4
 

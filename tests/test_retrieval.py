@@ -483,13 +483,18 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
         try:
             import onnx
 
-            from dmrx.export.graphs import GraphSpec, export_graph
+            from dmrx.artifacts import manifests
+            from dmrx.export.graphs import export_graph
             from dmrx.models import bundle
+            from dmrx.runtime import export_bundle
+            from dmrx.runtime.graphs import GraphSpec
         except ImportError as e:
             pytest.skip(f"no exporter to make user_encoder.onnx ({e})")
         b = bundle.load(run)
         (run / "export").mkdir()
         onnx.save(export_graph(b.model, GraphSpec.of(b.model), "user_encoder"), run / "export" / "user_encoder.onnx")
+        manifests.write(run / "export", export_bundle.FORMAT, export_bundle.VERSION, ["user_encoder.onnx"],
+                        source={"weights_sha256": b.weights_hash})
         res = invoke("index", "build", run, "--backend", "onnxruntime", "--json")
     assert res.exit_code == 0, res.output
     from dmrx.retrieval.index import load_index
@@ -498,11 +503,8 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
     assert onnx_index.manifest["backend"] == "onnxruntime"
     np.testing.assert_allclose(onnx_index.user_vectors, index.user_vectors, atol=1e-5)
     stale = run / "export" / "manifest.json"
-    kept = stale.read_text() if stale.exists() else None
-    stale.write_text(json.dumps({"source": {"weights_sha256": "0" * 64}}))
+    kept = stale.read_text()
+    stale.write_text(json.dumps({**json.loads(kept), "source": {"weights_sha256": "0" * 64}}))
     assert_clean_error(invoke("index", "build", run, "--backend", "onnxruntime"), "exported from other weights")
-    if kept is None:
-        stale.unlink()
-    else:
-        stale.write_text(kept)
+    stale.write_text(kept)
     assert invoke("index", "build", run).exit_code == 0  # back to the torch index for later tests

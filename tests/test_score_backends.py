@@ -71,7 +71,7 @@ def test_onnxruntime_needs_an_export(tiny_run):
 
 
 def test_tensorrt_backend(tiny_run, export_dir):
-    from dmrx.export.tensorrt import unavailable_reason
+    from dmrx.runtime.tensorrt import unavailable_reason
 
     reason = unavailable_reason()
     if reason:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmrx.artifacts.atomic import _umask, atomic_dir
+from dmrx.artifacts.atomic import atomic_dir, jsonable, write_json
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
 from dmrx.evaluation.metrics import report as metric_report
@@ -142,17 +142,6 @@ def reliability(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict
     n = np.array([len(b) for b in bins], np.float64)
     ece = float((n * np.abs(obs - pred)).sum() / n.sum())
     return {"pred": pred, "obs": obs, "n": n, "ece": ece}
-
-
-def _finite(obj):
-    """NaN and infinities as null, so metrics.json is strict JSON (gAUC is NaN when no user has both labels)."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -378,11 +367,10 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
             skipped["fig4_i2i_position.png"] = f"the {model} model has no Item-to-Item network"
         draw("roc.png", _fig_roc, res, metrics)
         draw("calibration.png", _fig_calibration, res, rel)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the report is as readable as the run
         record = {"run": str(b.path), "data": str(data_path), "model": model, "test": metrics,
                   "summary": summary, "figures": figures, "skipped": skipped}
-        bundle.write_json(tmp / "metrics.json", _finite(record))
+        write_json(tmp / "metrics.json", jsonable(record))
         (tmp / "index.html").write_text(_page(b.path, data_path, model, metrics, summary, figures, skipped))
     out = b.path / "report"
-    return _finite({"dir": str(out), "index": str(out / "index.html"), "figures": figures, "skipped": skipped,
+    return jsonable({"dir": str(out), "index": str(out / "index.html"), "figures": figures, "skipped": skipped,
                     "metrics": metrics})

@@ -14,7 +14,6 @@ Never pickle: safetensors and JSON only. Loading verifies the format version and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -28,6 +27,8 @@ from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
 from dmrx import __version__
+from dmrx.artifacts import manifests
+from dmrx.artifacts.atomic import atomic_file
 from dmrx.data.features import FeatureSpec
 from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
@@ -38,14 +39,6 @@ VERSION = 1
 RUNS_DIR = Path("runs")
 BUNDLE_FILES = ("model.safetensors", "vocab.safetensors", "config.json", "schema.json", "metrics.jsonl",
                 "summary.json")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -59,14 +52,11 @@ def library_versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def save_vocabs(path: Path, vocabs: dict[str, Vocab], sampler: np.ndarray) -> None:
     tensors = {f"vocab.{t}": v.ids for t, v in vocabs.items()}
     tensors["sampler"] = sampler.astype(np.float64)
-    save_np(tensors, str(path))
+    with atomic_file(path) as tmp:
+        save_np(tensors, str(tmp))
 
 
 def load_vocabs(path: Path) -> tuple[dict[str, Vocab], np.ndarray]:
@@ -74,13 +64,10 @@ def load_vocabs(path: Path) -> tuple[dict[str, Vocab], np.ndarray]:
     return {k[6:]: Vocab(v) for k, v in t.items() if k.startswith("vocab.")}, t["sampler"]
 
 
-def write_manifest(run_dir: Path, extra: dict | None = None) -> None:
-    files = {name: sha256(run_dir / name) for name in BUNDLE_FILES if (run_dir / name).exists()}
-    manifest = {"format": FORMAT, "version": VERSION, "files": files, "versions": library_versions()}
-    manifest.update(extra or {})
-    tmp = run_dir / ".manifest.json.tmp"
-    write_json(tmp, manifest)
-    os.replace(tmp, run_dir / "manifest.json")  # the manifest lands last: its presence marks a complete run
+def write_manifest(run_dir: Path) -> dict:
+    """The manifest lands last: its presence marks a complete run."""
+    present = [name for name in BUNDLE_FILES if (run_dir / name).exists()]
+    return manifests.write(run_dir, FORMAT, VERSION, present, versions=library_versions())
 
 
 def verify(run_dir: Path) -> dict:
@@ -88,27 +75,9 @@ def verify(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DmrxError(f"{run_dir}: no such run directory")
-    mpath = run_dir / "manifest.json"
-    if not mpath.exists():
-        hint = " (training did not finish: resume it with `dmrx train --resume --out RUN`)" \
-            if (run_dir / "checkpoints").exists() else ""
-        raise DmrxError(f"{run_dir}: not a complete dmrx run, manifest.json is missing{hint}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DmrxError(f"{mpath}: damaged manifest (not valid JSON)") from None
-    if manifest.get("format") != FORMAT:
-        raise DmrxError(f"{mpath}: not a dmrx run manifest (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise DmrxError(f"{mpath}: run format version {manifest.get('version')} is not supported "
-                        f"(this dmrx reads version {VERSION})")
-    for name, digest in manifest.get("files", {}).items():
-        path = run_dir / name
-        if not path.exists():
-            raise DmrxError(f"{path}: missing from the run (listed in manifest.json)")
-        if sha256(path) != digest:
-            raise DmrxError(f"{path}: damaged, its sha256 does not match manifest.json")
-    return manifest
+    unfinished = " (training did not finish: resume it with `dmrx train --resume --out RUN`)" \
+        if (run_dir / "checkpoints").exists() else ""
+    return manifests.verify(run_dir, FORMAT, (VERSION,), missing=unfinished)
 
 
 @dataclass
@@ -161,7 +130,8 @@ def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundl
 
 
 def save_weights(model: DMR, path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def resolve_run(run: str | os.PathLike | None) -> Path:
@@ -179,8 +149,6 @@ def resolve_run(run: str | os.PathLike | None) -> Path:
 
 def mark_latest(run_dir: Path) -> None:
     """Record run_dir as the run later commands use when none is named (./runs/LATEST)."""
-    RUNS_DIR.mkdir(exist_ok=True)
     inside = run_dir.resolve().parent == RUNS_DIR.resolve()
-    tmp = RUNS_DIR / ".LATEST.tmp"
-    tmp.write_text((run_dir.name if inside else str(run_dir.resolve())) + "\n")
-    os.replace(tmp, RUNS_DIR / "LATEST")
+    with atomic_file(RUNS_DIR / "LATEST") as tmp:
+        tmp.write_text((run_dir.name if inside else str(run_dir.resolve())) + "\n")

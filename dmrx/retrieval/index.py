@@ -21,8 +21,6 @@ files are read with allow_pickle=False.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
@@ -254,43 +253,34 @@ def build_index(
         "seen_items": seen_items,
     }
     with atomic_dir(target, overwrite=True) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the index gets the usual permissions
-        files = {}
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
-            files[f"{name}.npy"] = bundle_mod.sha256(tmp / f"{name}.npy")
         if hnsw is not None:
             hnsw.save(tmp / HNSW_FILE)
-            files[HNSW_FILE] = bundle_mod.sha256(tmp / HNSW_FILE)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "run": str(b.path),
-            "weights_hash": b.weights_hash,
-            "vocab_hash": b.manifest["files"].get("vocab.safetensors"),
-            "match_field": b.spec.match_field,
-            "n_items": int(len(item_ids)),
-            "n_users": int(U),
-            "dim": int(item_vectors.shape[1]),
-            "max_len": int(b.model.cfg.max_len),
-            "backend": backend,
-            "ann": ann,
-            "hnsw": {"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-            if ann == "hnsw"
-            else None,
-            "sources": [{"path": str(p), "users": int((latest.file == i).sum())} for i, p in enumerate(paths)],
-            "rows_read": int(latest.rows_read),
-            "seen_behaviours": int(len(seen_items)),
-            "figures": figures,
-            "files": files,
-            "built_seconds": round(time.perf_counter() - t0, 3),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": bundle_mod.library_versions(),
-        }
-        bundle_mod.write_json(tmp / "manifest.json", manifest)
-    return manifest
+        manifest = manifests.write(
+            tmp,
+            FORMAT,
+            VERSION,
+            [f"{name}.npy" for name in arrays] + [HNSW_FILE] * (hnsw is not None),
+            weights_hash=b.weights_hash,
+            vocab_hash=b.manifest["files"].get("vocab.safetensors"),
+            match_field=b.spec.match_field,
+            n_items=int(len(item_ids)),
+            n_users=int(U),
+            dim=int(item_vectors.shape[1]),
+            max_len=int(b.model.cfg.max_len),
+            backend=backend,
+            ann=ann,
+            hnsw={"m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search} if ann == "hnsw" else None,
+            sources=[{"path": str(p), "users": int((latest.file == i).sum())} for i, p in enumerate(paths)],
+            rows_read=int(latest.rows_read),
+            seen_behaviours=int(len(seen_items)),
+            figures=figures,
+            built_seconds=round(time.perf_counter() - t0, 3),
+            built_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            versions=bundle_mod.library_versions(),
+        )
+    return {**manifest, "path": str(target)}
 
 
 def _distinct_per_user(seen: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray]:
@@ -306,25 +296,8 @@ def _distinct_per_user(seen: list[np.ndarray], n_items: int) -> tuple[np.ndarray
 
 # ---- loading -------------------------------------------------------------------------------------------
 def read_manifest(path: Path) -> dict:
-    mpath = path / "manifest.json"
-    if not mpath.exists():
-        raise DmrxError(
-            f"{path}: not a complete index, manifest.json is missing (rebuild it with `dmrx index build {path.parent}`)"
-        )
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DmrxError(
-            f"{mpath}: damaged index manifest (not valid JSON); rebuild with `dmrx index build {path.parent}`"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DmrxError(f"{mpath}: not a dmrx index manifest")
-    if manifest.get("version") != VERSION:
-        raise DmrxError(
-            f"{mpath}: index format version {manifest.get('version')} is not supported (this "
-            f"dmrx reads version {VERSION}); rebuild with `dmrx index build {path.parent}`"
-        )
-    return manifest
+    """The index manifest, format and version checked (not the files)."""
+    return manifests.read(path, FORMAT, (VERSION,), missing=f" (rebuild it with `dmrx index build {path.parent}`)")
 
 
 def load_index(run_dir: Path, run_manifest: dict | None = None) -> Index:
@@ -334,35 +307,28 @@ def load_index(run_dir: Path, run_manifest: dict | None = None) -> Index:
     if not path.is_dir():
         raise DmrxError(f"{path}: no index; build it with `dmrx index build {run_dir}`")
     run_manifest = run_manifest if run_manifest is not None else bundle_mod.verify(run_dir)
-    manifest = read_manifest(path)
-    rebuild = f"rebuild it with `dmrx index build {run_dir}`"
+    rebuild = f"; rebuild it with `dmrx index build {run_dir}`"
+    manifest = manifests.verify(path, FORMAT, (VERSION,), missing=f" ({rebuild[2:]})", hint=rebuild)
     if manifest.get("weights_hash") != run_manifest["files"].get("model.safetensors") or manifest.get(
         "vocab_hash"
     ) != run_manifest["files"].get("vocab.safetensors"):
         raise DmrxError(
-            f"{path}: built for other weights than {run_dir}/model.safetensors (the run changed); {rebuild}"
+            f"{path}: built for other weights than {run_dir}/model.safetensors (the run changed){rebuild}"
         )
-    files = manifest.get("files") or {}
     for name in [f"{a}.npy" for a in ARRAYS]:
-        if name not in files:
-            raise DmrxError(f"{path}/manifest.json: lists no {name}; {rebuild}")
-    for name, digest in files.items():
-        p = path / name
-        if not p.exists():
-            raise DmrxError(f"{p}: missing from the index (listed in its manifest); {rebuild}")
-        if bundle_mod.sha256(p) != digest:
-            raise DmrxError(f"{p}: damaged, its sha256 does not match the index manifest; {rebuild}")
+        if name not in manifest["files"]:
+            raise DmrxError(f"{path}/manifest.json: lists no {name}{rebuild}")
     arrays = {}
     for name in ARRAYS:
         try:
             arrays[name] = np.load(path / f"{name}.npy", allow_pickle=False)
         except (ValueError, OSError) as e:
-            raise DmrxError(f"{path}/{name}.npy: unreadable ({e.__class__.__name__}); {rebuild}") from None
+            raise DmrxError(f"{path}/{name}.npy: unreadable ({e.__class__.__name__}){rebuild}") from None
     n, u = len(arrays["items"]), len(arrays["users"])
     if (
         arrays["item_vectors"].shape[0] != n
         or arrays["user_vectors"].shape[0] != u
         or len(arrays["seen_offsets"]) != u + 1
     ):
-        raise DmrxError(f"{path}: inconsistent array sizes; {rebuild}")
+        raise DmrxError(f"{path}: inconsistent array sizes{rebuild}")
     return Index(path, manifest, **arrays)

@@ -132,23 +132,15 @@ class Int8Search:
         self._open()
 
     def _open(self) -> None:
-        import onnxruntime as ort
+        from dmrx.runtime.ort import session
 
-        from dmrx.export.int8 import X64_PRECISION
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.log_severity_level = 3
         # On x86 without VNNI, MLAS's U8S8 kernel (VPMADDUBSW) adds pairs of u8*s8 products into a saturating
         # int16: query bytes up to 255 times codes up to +-127 clip, and the clipped scores are the large, aligned
-        # ones that matter (AVX2 EPYC, 1M Gaussian items: recall@50 0.9998 instead of 1.0). X64_PRECISION makes
-        # it U8U8, exact (see dmrx.export.int8; ~5-8% single-user latency there, none with VNNI or off x86). 7-bit
-        # codes in [-64, 63] could not clip either, but are coarser (true top 10 in a 10-item shortlist: 0.968
-        # of them, 0.982 with 8 bits).
-        so.add_session_config_entry(*X64_PRECISION)
-        self._sess = ort.InferenceSession(
-            self._graph(self.codes).SerializeToString(), so, providers=["CPUExecutionProvider"]
-        )
+        # ones that matter (AVX2 EPYC, 1M Gaussian items: recall@50 0.9998 instead of 1.0). The session's
+        # X64_PRECISION makes it U8U8, exact (see dmrx.runtime.ort; ~5-8% single-user latency there, none with
+        # VNNI or off x86). 7-bit codes in [-64, 63] could not clip either, but are coarser (true top 10 in a
+        # 10-item shortlist: 0.968 of them, 0.982 with 8 bits).
+        self._sess = session(self._graph(self.codes), threads=self.threads)
 
     def __getstate__(self) -> dict:  # picklable (Ray, Spark): the session is rebuilt on arrival
         return {k: v for k, v in self.__dict__.items() if k != "_sess"}

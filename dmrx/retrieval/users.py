@@ -196,32 +196,6 @@ class HistoryReader:
         return batch, seen
 
 
-def _check_export(path: Path, bundle) -> None:
-    """The exported graph must come from this run's weights: checked against the export manifest (its
-    source weights hash and the graph's sha256) when the export wrote one."""
-    import json
-
-    mpath = path.parent / "manifest.json"
-    if not mpath.exists():
-        return
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DmrxError(f"{mpath}: damaged export manifest (not valid JSON)") from None
-    source = (manifest.get("source") or {}).get("weights_sha256")
-    if source is not None and source != bundle.weights_hash:
-        raise DmrxError(
-            f"{path.parent}: exported from other weights than {bundle.path}/model.safetensors; "
-            f"re-export with `dmrx export {bundle.path}` or use --backend torch"
-        )
-    digest = ((manifest.get("artifacts") or {}).get(path.name) or {}).get("sha256")
-    if digest is not None:
-        from dmrx.models.bundle import sha256
-
-        if sha256(path) != digest:
-            raise DmrxError(f"{path}: damaged, its sha256 does not match {mpath}")
-
-
 class UserEncoder:
     """History batch -> u [B, d_v] float32, with torch (the run's model) or onnxruntime (the exported
     user_encoder graph, RUN/export/user_encoder.onnx)."""
@@ -239,28 +213,31 @@ class UserEncoder:
         if backend == "torch":
             self._sess = None
         elif backend == "onnxruntime":
-            path = Path(bundle.path) / "export" / "user_encoder.onnx"
-            if not path.exists():
-                raise DmrxError(
-                    f"{path}: not there; the onnxruntime backend uses the exported user encoder "
-                    f"(run `dmrx export {bundle.path}` first, or use --backend torch)"
-                )
-            _check_export(path, bundle)
-            import onnxruntime as ort
+            from dmrx.runtime import export_bundle
+            from dmrx.runtime.ort import onnx_name, session
 
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            try:
-                self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise DmrxError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:200]})") from None
+            export_dir = Path(bundle.path) / "export"
+            if not export_bundle.is_export(export_dir):
+                raise DmrxError(
+                    f"{export_dir / 'user_encoder.onnx'}: not there; the onnxruntime backend uses the exported "
+                    f"user encoder (run `dmrx export {bundle.path}` first, or use --backend torch)"
+                )
+            manifest = export_bundle.read(export_dir)
+            if (manifest.get("source") or {}).get("weights_sha256") != bundle.weights_hash:
+                raise DmrxError(
+                    f"{export_dir}: exported from other weights than {bundle.path}/model.safetensors; "
+                    f"re-export with `dmrx export {bundle.path}` or use --backend torch"
+                )
+            path = export_bundle.check_file(export_dir, manifest, export_bundle.graph_name("user_encoder", "fp32"))
+            self._sess = session(path)
             self._inputs = {i.name: i for i in self._sess.get_inputs()}
             if "u" not in {o.name for o in self._sess.get_outputs()}:
                 raise DmrxError(f"{path}: the graph has no output named 'u'")
-            want = {f"hist/{f}".replace("/", "__") for f in self.fields} | {"hist_len"}
+            want = {onnx_name(f"hist/{f}") for f in self.fields} | {"hist_len"}
             unknown = sorted(set(self._inputs) - want)
             if unknown:
                 raise DmrxError(f"{path}: unexpected inputs {unknown}; expected {sorted(want)}")
+            self._name = onnx_name
         else:
             raise DmrxError(f"unknown backend {backend!r}: use torch or onnxruntime")
 
@@ -269,7 +246,7 @@ class UserEncoder:
             with torch.inference_mode():
                 feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                 return self.model.encode_user(feeds)["u"].float().numpy()
-        feeds = {k.replace("/", "__"): np.ascontiguousarray(v, dtype=np.int64) for k, v in batch.items()}
+        feeds = {self._name(k): np.ascontiguousarray(v, dtype=np.int64) for k, v in batch.items()}
         feeds = {k: v for k, v in feeds.items() if k in self._inputs}
         return np.asarray(self._sess.run(["u"], feeds)[0], dtype=np.float32)
 

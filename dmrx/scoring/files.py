@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from dmrx import __version__
-from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.atomic import atomic_file, write_json
 from dmrx.errors import DmrxError
 from dmrx.scoring.scorer import Scorer, Work, _count_unknown_hist, group_rows
 from dmrx.scoring.shards import shard_range
@@ -53,12 +53,7 @@ def _partial_dir(out: Path) -> Path:
 
 
 def _write_state(pdir: Path, state: dict) -> None:
-    tmp = pdir / "state.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, pdir / "state.json")
+    write_json(pdir / "state.json", state, durable=True)
 
 
 def _read_state(pdir: Path) -> dict | None:

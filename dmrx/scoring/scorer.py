@@ -96,11 +96,12 @@ class Scorer:
             raise DmrxError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if threads is not None and threads < 1:
             raise DmrxError(f"--threads must be >= 1, got {threads}")
-        self.bundle, self.export_dir = load_model(model)
+        self.bundle, self.export_dir, export_manifest = load_model(model)
         self.spec = self.bundle.spec
         self.max_len = self.bundle.model.cfg.max_len
         self.encoder = self.bundle.encoder()
-        self.backend = make_backend(self.bundle, self.export_dir, backend, precision, device, threads)
+        self.backend = make_backend(self.bundle, self.export_dir, export_manifest, backend, precision, device,
+                                    threads)
         self._pool = None
         self.hist_keys = [f"hist/{f}" for f in self.spec.behaviors]
         self.cand_keys = [k for k in self.spec.batch_keys() if k != "user"]

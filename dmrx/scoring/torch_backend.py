@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 
 import numpy as np
@@ -37,15 +36,9 @@ from torch import Tensor, nn
 
 from dmrx.errors import DmrxError
 from dmrx.models.dmr import DMR, masked_softmax
+from dmrx.scoring.backends import available_cores
 
 CHECK_TOL = 2e-4  # fp32 logits, grouped vs reference: reassociated sums differ by rounding only
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -1,7 +1,7 @@
 """Training: one loop for CPU and GPU, resumable from any checkpoint, writing a self-contained run bundle.
 
-Embedding tables take sparse gradients and a lazy optimiser (dmrx.training.optim.LazyAdam): a step only touches the rows
-its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
+Embedding tables take sparse gradients and a lazy optimiser (dmrx.training.optim.LazyAdam): a step only
+touches the rows its batch looks up, so its cost does not grow with the vocabulary. Everything else uses Adam.
 Checkpoints hold model, both optimisers, the best weights so far, step and the data position (epoch, batch);
 the data order and the negatives depend only on (seed, epoch) and (seed, step), so no RNG state is needed.
 They land atomically (a new directory, then a pointer file): a run killed at any moment resumes to the
@@ -11,7 +11,6 @@ same result.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -27,7 +26,8 @@ try:
 except ImportError:  # Python 3.10: JSON configs only
     tomllib = None
 
-from dmrx.artifacts.atomic import atomic_dir
+from dmrx.artifacts import manifests
+from dmrx.artifacts.atomic import atomic_dir, atomic_file, write_json
 from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
@@ -37,6 +37,9 @@ from dmrx.models import bundle
 from dmrx.models.dmr import DMR, DMRConfig
 from dmrx.training.distributed import Dist, setup
 from dmrx.training.optim import LazyAdam
+
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "dmrx-checkpoint", 1
+CHECKPOINT_FILES = ("model.safetensors", "best.safetensors", "optim.safetensors", "state.json")
 
 
 @dataclass
@@ -176,10 +179,10 @@ def _save_checkpoint(run_dir: Path, model, best_state, opts, progress: dict) -> 
         save_file(best_state, str(tmp / "best.safetensors"))
         tensors, meta = _optim_tensors(opts)
         save_file(tensors, str(tmp / "optim.safetensors"))
-        bundle.write_json(tmp / "state.json", {**progress, "optim": meta})
-    pointer = ckpts / "LATEST.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, ckpts / "LATEST")
+        write_json(tmp / "state.json", {**progress, "optim": meta})
+        manifests.write(tmp, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CHECKPOINT_FILES)
+    with atomic_file(ckpts / "LATEST", durable=True) as pointer:
+        pointer.write_text(name)
     for old in ckpts.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -191,6 +194,7 @@ def _load_checkpoint(run_dir: Path, model, opts) -> tuple[dict, dict]:
     if not pointer.exists():
         raise DmrxError(f"{run_dir}: no checkpoint to resume from")
     path = ckpts / pointer.read_text().strip()
+    manifests.verify(path, CHECKPOINT_FORMAT, (CHECKPOINT_VERSION,))
     state = json.loads((path / "state.json").read_text())
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     tensors = load_file(str(path / "optim.safetensors"))
@@ -251,12 +255,12 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         spec = declare(data.fields, model_cfg.match_field, model_cfg.use_user_id)
         vocabs, counts = fit(spec, data, train_cfg.min_count)
         if dist.main:
-            bundle.write_json(run_dir / "config.json", {
+            write_json(run_dir / "config.json", {
                 "model": model_cfg.to_json(), "train": asdict(train_cfg), "world_size": dist.world,
                 # absolute: later commands (export's calibration, index build) may run from elsewhere
                 "data": {"train": str(Path(train_path).resolve()),
                          "valid": str(Path(valid_path).resolve()) if valid_path else None}})
-            bundle.write_json(run_dir / "schema.json", spec.to_json())
+            write_json(run_dir / "schema.json", spec.to_json())
             bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
     encoder = Encoder(spec, vocabs)
     encoder.check_file(data)
@@ -399,7 +403,7 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         log.close()
         model.load_state_dict(best_state)
         bundle.save_weights(model, run_dir / "model.safetensors")
-        bundle.write_json(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
         bundle.write_manifest(run_dir)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         bundle.mark_latest(run_dir)
