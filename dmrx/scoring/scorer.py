@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmrx.errors import DmrxError
+from dmrx.runtime.ort import batch_key
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -123,7 +124,7 @@ class Scorer:
         identify histories (rows with equal (seq, end) share one encoding); otherwise identical history
         rows do.
         """
-        cols = {str(k).replace("__", "/"): v for k, v in cols.items()}
+        cols = {batch_key(str(k)): v for k, v in cols.items()}
         if "user" not in cols:
             raise DmrxError("batch lacks column 'user'")
         B = len(cols["user"])
