@@ -19,7 +19,7 @@ Masking never uses infinities: an empty history gives zero attention weights and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
+from dmrx.options import from_options
 
 MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
 
@@ -64,7 +65,7 @@ class DMRConfig:
                 raise DmrxError(f"model option {name} must be positive, got {getattr(c, name)}")
         if not c.mlp or any(int(h) <= 0 for h in c.mlp):
             raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
-        if c.beta < 0:
+        if not c.beta >= 0:  # NaN too
             raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
         if c.model not in MODELS:
             raise DmrxError(f"model option model must be one of {', '.join(MODELS)}, got {c.model!r}")
@@ -88,14 +89,8 @@ class DMRConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> DMRConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DmrxError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "mlp" in d:
-            d["mlp"] = tuple(d["mlp"])
-        return cls(**d)
+        """The options of a config file's model table (or a saved run's)."""
+        return from_options(cls, d, "model")
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
