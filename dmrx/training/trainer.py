@@ -35,6 +35,7 @@ from dmrx.evaluation.metrics import auc
 from dmrx.evaluation.predict import predict, to_tensors
 from dmrx.models import bundle
 from dmrx.models.dmr import DMR, DMRConfig
+from dmrx.models.migrations import CONFIG_VERSION, migrate
 from dmrx.options import from_options
 from dmrx.training.distributed import Dist, setup
 from dmrx.training.optim import LazyAdam
@@ -246,10 +247,12 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         run_dir.mkdir(parents=True, exist_ok=True)
 
     if resume:
-        saved = json.loads((run_dir / "config.json").read_text())
-        model_cfg = DMRConfig.from_saved(saved["model"])
-        # sparse_lr came later: a run saved without it trained its tables at lr
-        train_cfg = replace(TrainConfig.from_json({"sparse_lr": 0.0, **saved["train"]}), device=train_cfg.device)
+        try:
+            saved = migrate(json.loads((run_dir / "config.json").read_text()))
+            model_cfg = DMRConfig.from_json(saved["model"])
+            train_cfg = replace(TrainConfig.from_json(saved["train"]), device=train_cfg.device)
+        except DmrxError as e:
+            raise DmrxError(f"{run_dir / 'config.json'}: {e}") from None
         spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
     else:
@@ -257,7 +260,8 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         vocabs, counts = fit(spec, data, train_cfg.min_count)
         if dist.main:
             bundle.write_json(run_dir / "config.json", {
-                "model": model_cfg.to_json(), "train": asdict(train_cfg), "world_size": dist.world,
+                "config_version": CONFIG_VERSION, "model": model_cfg.to_json(), "train": asdict(train_cfg),
+                "world_size": dist.world,
                 # absolute: later commands (export's calibration, index build) may run from elsewhere
                 "data": {"train": str(Path(train_path).resolve()),
                          "valid": str(Path(valid_path).resolve()) if valid_path else None}})
