@@ -38,35 +38,36 @@ from pathlib import Path
 import numpy as np
 
 from dmrx.data.reader import DataFile
+from dmrx.errors import DmrxError
 from dmrx.evaluation.metrics import auc, report
 from dmrx.evaluation.predict import predict
 from dmrx.models.dmr import DMRConfig
-from dmrx.training.trainer import TrainConfig, train
+from dmrx.training.trainer import TrainConfig, load_config, train
 
 REPO = Path(__file__).resolve().parents[1]
 AMAZON = REPO.parent / "shared" / "data" / "amazon-beauty"
+CONFIGS = REPO / "configs"
 
-# DMR and the ablations of the paper's Table 2; din_like is DMR without relevance units or positions
-VARIANTS = {
-    "dmr": {},
-    # the baselines of the paper's Table 1 (dmrx.models.baselines), same data path, trainer and evaluation
-    "lr": {"model": "lr"},
-    "widedeep": {"model": "widedeep"},
-    "pnn": {"model": "pnn"},
-    "din": {"model": "din"},
-    "dien": {"model": "dien"},
-    "din_like": {"use_u2i": False, "use_position": False, "use_r_hat": False},
-    "i2i_only": {"use_u2i": False},
-    "u2i_only": {"use_i2i": False},
-    "no_aux": {"beta": 0.0},
-    "no_position": {"use_position": False},
-    "shared_double": {"shared_output": True},
-    # the options whose defaults are chosen by measurement
-    "dmr_sigmoid_ns": {"aux_loss": "sigmoid_ns"},
-    "dmr_din_attention": {"attention": "din"},
-    "dmr_user_id": {"use_user_id": True},
-    "dmr_paper_mlp_input": {"target_product": False, "mlp_batchnorm": False},  # [x_p, x_t, x_c, u_hat, r, r_hat] only
-}
+
+def load_variants() -> dict[str, dict]:
+    """Variant name (its config file's name) -> the model options that file sets, from configs/: DMR, the
+    baselines of the paper's Table 1 (dmrx.models.baselines: same data path, trainer and evaluation), the
+    ablations of its Table 2 (din_like: DMR without relevance units or positions), and the alternatives to
+    the options whose defaults were chosen by measurement. configs/README.md describes each."""
+    variants = {}
+    for group in (".", "baselines", "ablations", "alternatives"):
+        for path in sorted((CONFIGS / group).glob("*.json")):
+            try:
+                load_config(path, {})  # every option checked before any training starts
+            except DmrxError as e:
+                raise SystemExit(f"error: {e}") from None
+            if path.stem in variants:
+                raise SystemExit(f"error: {path}: a second variant named {path.stem}")
+            variants[path.stem] = json.loads(path.read_text()).get("model", {})
+    return variants
+
+
+VARIANTS = load_variants()
 
 
 def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
@@ -91,7 +92,7 @@ def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
 
 
 def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, device: str = "auto") -> dict:
-    cfg = DMRConfig(**variant)
+    cfg = DMRConfig.from_json(variant)
     t0 = time.perf_counter()
     summary = train(data / "train.h5", data / "valid.h5", work / f"run-{seed}", cfg,
                     TrainConfig(seed=seed, epochs=epochs, patience=1, device=device), progress_bar=False)

@@ -179,11 +179,11 @@ def test_input_norm_trains_on_batch_statistics_and_infers_with_its_running_affin
 
 
 def test_a_run_saved_before_the_new_options_loads_as_it_was_trained():
-    from dmrx.models.dmr import SAVED_BEFORE
+    from dmrx.models.migrations import migrate
 
     old = {k: v for k, v in _model(target_product=False, mlp_batchnorm=False).cfg.to_json().items()
-           if k not in SAVED_BEFORE}
-    cfg = DMRConfig.from_saved(old)
+           if k not in ("target_product", "mlp_batchnorm")}
+    cfg = DMRConfig.from_json(migrate({"model": old, "train": {}})["model"])  # version 1: no config_version
     assert not cfg.target_product and not cfg.mlp_batchnorm
     legacy = DMR(cfg, _spec(), SIZES)
     legacy.load_state_dict(_model(target_product=False, mlp_batchnorm=False).state_dict())  # same shapes

@@ -126,6 +126,8 @@ def test_damaged_bundle_is_refused(tiny_run, tmp_path):
     ({"model": {"beta": -1}}, "beta must be >= 0"),
     ({"model": {"embed_dim": -4}}, "embed_dim must be positive"),
     ({"model": {"colour": 1}}, "unknown model option"),
+    ({"model": {"embed_dim": "32"}}, "model option embed_dim must be an integer"),
+    ({"train": {"batch_size": 1.5}}, "train option batch_size must be an integer"),
     ({"train": {"lr": 0}}, "lr must be positive"),
     ({"optimiser": {}}, "unknown section"),
 ])

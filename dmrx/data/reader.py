@@ -320,7 +320,3 @@ class DataFile:
         chunk_rows = max(batch_size, (chunk_rows // batch_size) * batch_size)
         full, rest = divmod(self.n_rows, chunk_rows)
         return full * (chunk_rows // batch_size) + -(-rest // batch_size)
-
-
-def open_data(path: str | os.PathLike) -> DataFile:
-    return DataFile(path)

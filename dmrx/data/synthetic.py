@@ -37,10 +37,10 @@ RECENCY = 0.7  # weight of a behaviour one step older in the click model's recen
 @dataclass(frozen=True)
 class SyntheticConfig:
     users: int = 10_000
-    # Sized so that ~36k training clicks can teach the latent space: until 2026-12-03 the default was
-    # 20,000 items, 200 categories, 2,000 brands, 16 dimensions and a 5% click rate, which no model could
-    # learn from this many rows (DMR closed 49% of the oracle's gap; three times the impressions moved it
-    # more than any model option). README, "The embedded synthetic data", has both.
+    # Sized so that ~36k training clicks can teach the latent space: 20,000 items, 200 categories, 2,000
+    # brands, 16 dimensions and a 5% click rate are more than any model learns from this many rows (DMR
+    # closed 49% of the oracle's gap; three times the impressions moved it more than any model option).
+    # README, "The embedded synthetic data", compares the two.
     items: int = 5_000
     cates: int = 50
     brands: int = 200

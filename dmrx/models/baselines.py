@@ -27,11 +27,11 @@ Choices, model by model:
   the deep part is an MLP over [x_p, x_t, x_c, dense, mean of the behaviours' embeddings].
 - PNN: the inner-product PNN. Field vectors: each profile, target and context id, and each behaviour field
   mean-pooled over the history; the MLP reads [all field vectors, every pairwise inner product, dense].
-- DIN: the DIN activation unit, an MLP 80-40-1 with PReLU (not Dice: Dice keeps batch statistics, which
-  would make a prediction depend on its batch) over [q, k, q - k, q * k], where q is the target's shared
-  fields and k the behaviour's same fields; weights are not normalised (DIN's sum pooling keeps the
-  intensity) and are zero on padding; the pooled vector is the weighted sum of the behaviours' full
-  embeddings. The MLP reads [x_p, x_t, x_c, dense, pooled].
+- DIN: the DIN activation unit, an MLP h-h/2-1 (h = cfg.attn_hidden_size, by default 80 as in the DIN paper)
+  with PReLU (not Dice: Dice keeps batch statistics, which would make a prediction depend on its batch)
+  over [q, k, q - k, q * k], where q is the target's shared fields and k the behaviour's same fields;
+  weights are not normalised (DIN's sum pooling keeps the intensity) and are zero on padding; the pooled
+  vector is the weighted sum of the behaviours' full embeddings. The MLP reads [x_p, x_t, x_c, dense, pooled].
 - DIEN: a GRU interest extractor over the behaviours (hidden size = the behaviour vector's size), run
   packed over the real behaviours only so padding never moves it; attention a_t = softmax over real behaviours of
   h_t . W x_t; an AUGRU (update gate scaled by a_t) evolves the interest; its final state enters the MLP
@@ -210,8 +210,9 @@ class DIN(_Embedded):
         super().__init__(cfg, spec, sizes)
         self.shared = shared_fields(spec)
         d_s = self.d * len(self.shared)
-        self.unit = nn.Sequential(nn.Linear(4 * d_s, 80), PReLU(80, 0.1), nn.Linear(80, 40), PReLU(40, 0.1),
-                                  nn.Linear(40, 1))
+        h = cfg.attn_hidden_size
+        self.unit = nn.Sequential(nn.Linear(4 * d_s, h), PReLU(h, 0.1), nn.Linear(h, max(1, h // 2)),
+                                  PReLU(max(1, h // 2), 0.1), nn.Linear(max(1, h // 2), 1))
         self.mlp = _mlp(self.d_base + self.d_e, tuple(cfg.mlp))
 
     def attention(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:

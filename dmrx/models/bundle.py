@@ -3,7 +3,8 @@
     runs/<name>/
       model.safetensors   weights (the best checkpoint by validation AUC)
       vocab.safetensors   per table: the sorted raw ids (row i+1 of the table); "sampler": match counts
-      config.json         the resolved model and training configs, and the data it was trained on
+      config.json         the resolved model and training configs, the data it was trained on, and the
+                          config_version that dmrx.models.migrations reads older runs by
       schema.json         the feature spec
       metrics.jsonl       training log (one JSON object per line)
       summary.json        best validation metrics, step counts, timings
@@ -33,6 +34,7 @@ from dmrx.data.features import FeatureSpec
 from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
 from dmrx.models.dmr import DMR, DMRConfig
+from dmrx.models.migrations import migrate
 
 FORMAT = "dmrx-run"
 VERSION = 1
@@ -115,10 +117,14 @@ def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundl
     run_dir = resolve_run(run_dir)
     manifest = verify(run_dir)
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        try:
+            config = migrate(json.loads((run_dir / "config.json").read_text()))
+            cfg = DMRConfig.from_json(config["model"])
+            cfg.validate()
+        except DmrxError as e:
+            raise DmrxError(f"{run_dir / 'config.json'}: {e}") from None
         spec = FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, sampler = load_vocabs(run_dir / "vocab.safetensors")
-        cfg = DMRConfig.from_saved(config["model"])
         model = build_model(cfg, spec, vocabs)
         state = load_file(str(run_dir / "model.safetensors"))
         model.load_state_dict(state)

@@ -19,7 +19,7 @@ Masking never uses infinities: an empty history gives zero attention weights and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,9 @@ from torch import Tensor, nn
 
 from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
+from dmrx.options import from_options
 
 MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
-
-
-# options added after runs were first saved (2026-12-02), and what a run saved without them did
-SAVED_BEFORE = {"target_product": False, "mlp_batchnorm": False}
 
 
 @dataclass
@@ -41,7 +38,7 @@ class DMRConfig:
     embed_dim: int = 32  # every embedding table (the match table doubles under shared_output)
     max_len: int = 50  # T: behaviours read per example, most recent kept
     attention: str = "additive"  # "additive": the paper's z^T tanh(W_p p + W_e e + b); "din": authors' scorer
-    attn_hidden: int = 64  # d_h of the additive form; the DIN scorer uses 80-40
+    attn_hidden: int | None = None  # the attention scorer's width; None: 64 additive, 80 DIN (attn_hidden_size)
     mlp: tuple[int, ...] = (512, 256, 128)
     aux_loss: str = "sampled_softmax"  # or "sigmoid_ns" (Eq. 8)
     num_negatives: int = 2000
@@ -56,15 +53,23 @@ class DMRConfig:
     target_product: bool = True  # with I2I, also feed u_hat * x_t (fields both carry) to the MLP; see README
     mlp_batchnorm: bool = True  # batch-normalise the MLP input, as the authors' code does
 
+    @property
+    def attn_hidden_size(self) -> int:
+        """The attention scorer's hidden width: attn_hidden, or by default d_h = 64 for the additive form and
+        80 (an 80-40 MLP, the DIN authors' size) for the DIN unit, in DMR (attention "din") and the DIN baseline."""
+        if self.attn_hidden is not None:
+            return self.attn_hidden
+        return 80 if "din" in (self.model, self.attention) else 64
+
     def validate(self) -> None:
         """Up-front validation: impossible values are reported before any work starts."""
         c = self
         for name in ("embed_dim", "max_len", "attn_hidden", "num_negatives"):
-            if int(getattr(c, name)) <= 0:
+            if getattr(c, name) is not None and getattr(c, name) <= 0:
                 raise DmrxError(f"model option {name} must be positive, got {getattr(c, name)}")
         if not c.mlp or any(int(h) <= 0 for h in c.mlp):
             raise DmrxError(f"model option mlp must be a list of positive sizes, got {list(c.mlp)}")
-        if c.beta < 0:
+        if not c.beta >= 0:  # NaN too
             raise DmrxError(f"model option beta must be >= 0, got {c.beta}")
         if c.model not in MODELS:
             raise DmrxError(f"model option model must be one of {', '.join(MODELS)}, got {c.model!r}")
@@ -76,26 +81,17 @@ class DMRConfig:
             raise DmrxError("model options use_u2i and use_i2i cannot both be off")
 
     def to_json(self) -> dict:
+        """The options as a run saves them: the width the scorer was built with, not None, so the run does
+        not depend on how a later version picks the default."""
         d = asdict(self)
         d["mlp"] = list(self.mlp)
+        d["attn_hidden"] = self.attn_hidden_size
         return d
 
     @classmethod
-    def from_saved(cls, d: dict) -> DMRConfig:
-        """The config a run bundle saved. Options added since a run was saved are absent from its config;
-        they take the behaviour the run was trained with, not today's default, so older runs still load."""
-        return cls.from_json({**SAVED_BEFORE, **d})
-
-    @classmethod
     def from_json(cls, d: dict) -> DMRConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise DmrxError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "mlp" in d:
-            d["mlp"] = tuple(d["mlp"])
-        return cls(**d)
+        """The options of a config file's model table (or a saved run's, after dmrx.models.migrate)."""
+        return from_options(cls, d, "model")
 
 
 def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
@@ -147,7 +143,8 @@ class AdditiveAttention(nn.Module):
 
 
 class DinAttention(nn.Module):
-    """The authors' released scorer: an MLP 80-40-1 (sigmoid hidden units) over [q, e, q - e, q * e].
+    """The authors' released scorer: an MLP h-h/2-1 (sigmoid hidden units; theirs is 80-40-1) over
+    [q, e, q - e, q * e].
 
     The query is Dense+PReLU over the position embedding (U2I) or over [target, position] (I2I). The first
     layer splits as W [q, e, q-e, q*e] = (W1 + W3) q + (W2 - W3) e + W4 (q * e); the e-only part is the
@@ -156,13 +153,13 @@ class DinAttention(nn.Module):
 
     def __init__(self, d_e: int, d_pos: int, d_q: int, hidden: int):
         super().__init__()
-        self.d_e = d_e
+        self.d_e, self.hidden = d_e, hidden
         self.q_pos = nn.Linear(d_pos, d_e) if d_pos else None
         self.q_target = nn.Linear(d_q, d_e, bias=False) if d_q else None
         self.act = PReLU(d_e, 0.1)
-        self.l1 = nn.Linear(4 * d_e, 80)
-        self.l2 = nn.Linear(80, 40)
-        self.l3 = nn.Linear(40, 1)
+        self.l1 = nn.Linear(4 * d_e, hidden)
+        self.l2 = nn.Linear(hidden, max(1, hidden // 2))
+        self.l3 = nn.Linear(max(1, hidden // 2), 1)
 
     def _split(self):
         w = self.l1.weight
@@ -181,7 +178,7 @@ class DinAttention(nn.Module):
         return torch.cat([proj, qpos], dim=-1)
 
     def scores(self, keys: Tensor, e: Tensor, query: Tensor | None = None) -> Tensor:
-        k, qpos = keys[..., :80], keys[..., 80:]
+        k, qpos = keys[..., :self.hidden], keys[..., self.hidden:]
         q = qpos if query is None or self.q_target is None else qpos + self.q_target(query).unsqueeze(-2)
         q = self.act(q)
         wq, _, wqe = self._split()
@@ -243,11 +240,11 @@ class DMR(nn.Module):
         d_pos = d if cfg.use_position else 0
         if cfg.use_u2i:
             self.pos_u2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
-            self.att_u2i = attn(d_e, d_pos, 0, cfg.attn_hidden)
+            self.att_u2i = attn(d_e, d_pos, 0, cfg.attn_hidden_size)
             self.g = nn.Sequential(nn.Linear(d_e, self.d_v), PReLU(self.d_v, 0.1))
         if cfg.use_i2i:
             self.pos_i2i = nn.Embedding(cfg.max_len, d) if cfg.use_position else None
-            self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden)
+            self.att_i2i = attn(d_e, d_pos, d_t, cfg.attn_hidden_size)
         # columns of e_t and x_t looked up in the same table (one space): the pairs target_product multiplies
         cols_e = self._columns([f"hist/{f}" for f in spec.behaviors], dims)
         cols_t = self._columns([f"target/{f}" for f in spec.target], dims)

@@ -11,7 +11,7 @@ def flops_per_candidate(model) -> dict:
     layer moved to once per user run, so it is not counted); user_side: once per distinct history.
     """
     cfg, spec = model.cfg, model.spec
-    T, H = cfg.max_len, cfg.attn_hidden
+    T, H = cfg.max_len, cfg.attn_hidden_size
     d_e = model.d_e
     tables = model.tables
     d_t = sum(tables[model.table_of[f"target/{f}"]].embedding_dim for f in spec.target)

@@ -295,7 +295,7 @@ class TorchBackend:
             self.model.mlp = _quantize_int8(self.model.mlp)
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def _tensor(self, x: np.ndarray, float_ok: bool = True) -> Tensor:
+    def _tensor(self, x: np.ndarray) -> Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x))
         if t.is_floating_point():
             t = t.to(self.dtype)

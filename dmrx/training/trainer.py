@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,8 @@ from dmrx.evaluation.metrics import auc
 from dmrx.evaluation.predict import predict, to_tensors
 from dmrx.models import bundle
 from dmrx.models.dmr import DMR, DMRConfig
+from dmrx.models.migrations import CONFIG_VERSION, migrate
+from dmrx.options import from_options
 from dmrx.training.distributed import Dist, setup
 from dmrx.training.optim import LazyAdam
 
@@ -57,6 +59,10 @@ class TrainConfig:
     min_count: int = 1  # ids seen fewer times in training map to the unknown index
     max_steps: int = 0  # stop after this many steps (0: no limit); for smoke tests
 
+    @classmethod
+    def from_json(cls, d: dict) -> TrainConfig:
+        return from_options(cls, d, "train")
+
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "min_count"):
             if getattr(self, name) <= 0:
@@ -73,7 +79,10 @@ class TrainConfig:
 
 
 def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainConfig]:
-    """Model and training configs from a JSON or TOML file ({"model": {...}, "train": {...}}) and flags."""
+    """Model and training configs from a JSON or TOML file ({"model": {...}, "train": {...}}) and flags.
+
+    The file is checked first (option names, types, ranges), each problem one error naming the file and
+    the option; then the flags that are not None override its train options."""
     raw: dict = {}
     if path is not None:
         if not path.exists():
@@ -84,22 +93,19 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
             raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
         except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
             raise DmrxError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
+        if not isinstance(raw, dict):
+            raise DmrxError(f"{path}: expected a table with 'model' and 'train' sections")
         unknown = sorted(set(raw) - {"model", "train"})
         if unknown:
             raise DmrxError(f"{path}: unknown section(s) {unknown}; expected 'model' and 'train'")
     try:
         model_cfg = DMRConfig.from_json(raw.get("model", {}))
-        train_raw = dict(raw.get("train", {}))
-        known = {f.name for f in fields(TrainConfig)}
-        if set(train_raw) - known:
-            raise DmrxError(f"unknown train option(s) {sorted(set(train_raw) - known)}; known: {sorted(known)}")
-        train_raw.update({k: v for k, v in overrides.items() if v is not None})
-        train_cfg = TrainConfig(**train_raw)
+        model_cfg.validate()
+        train_cfg = TrainConfig.from_json(raw.get("train", {}))
+        train_cfg.validate()
     except DmrxError as e:
-        raise DmrxError(f"{path}: {e}" if path else str(e)) from None
-    except TypeError as e:
         raise DmrxError(f"{path}: {e}") from None
-    model_cfg.validate()
+    train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     train_cfg.validate()
     return model_cfg, train_cfg
 
@@ -245,10 +251,12 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         run_dir.mkdir(parents=True, exist_ok=True)
 
     if resume:
-        saved = json.loads((run_dir / "config.json").read_text())
-        model_cfg = DMRConfig.from_saved(saved["model"])
-        # sparse_lr came later: a run saved without it trained its tables at lr
-        train_cfg = TrainConfig(**{"sparse_lr": 0.0, **saved["train"], "device": train_cfg.device})
+        try:
+            saved = migrate(json.loads((run_dir / "config.json").read_text()))
+            model_cfg = DMRConfig.from_json(saved["model"])
+            train_cfg = replace(TrainConfig.from_json(saved["train"]), device=train_cfg.device)
+        except DmrxError as e:
+            raise DmrxError(f"{run_dir / 'config.json'}: {e}") from None
         spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
     else:
@@ -256,7 +264,8 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         vocabs, counts = fit(spec, data, train_cfg.min_count)
         if dist.main:
             write_json(run_dir / "config.json", {
-                "model": model_cfg.to_json(), "train": asdict(train_cfg), "world_size": dist.world,
+                "config_version": CONFIG_VERSION, "model": model_cfg.to_json(), "train": asdict(train_cfg),
+                "world_size": dist.world,
                 # absolute: later commands (export's calibration, index build) may run from elsewhere
                 "data": {"train": str(Path(train_path).resolve()),
                          "valid": str(Path(valid_path).resolve()) if valid_path else None}})
