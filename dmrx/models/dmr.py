@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmrx.choices import ARCHS as MODELS
 from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
-
-MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
-
 
 # options added after runs were first saved (2026-12-02), and what a run saved without them did
 SAVED_BEFORE = {"target_product": False, "mlp_batchnorm": False}
