@@ -21,6 +21,15 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def assert_usage_error(res, *fragments: str):
+    """A bad choice is refused by the command line parser: exit code 2, the option and its choices named."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    for frag in fragments:
+        assert frag in text, res.output
+
+
 def assert_clean_error(res, *fragments: str):
     """Non-zero exit, one 'error:' line naming the problem, no traceback."""
     assert res.exit_code != 0, res.output
@@ -417,9 +426,9 @@ def test_bad_input(run, index, tmp_path):
     assert_clean_error(invoke("index", "build", tmp_path / "nope"), "no such run directory")
     assert_clean_error(invoke("retrieve", run), "exactly one of")
     assert_clean_error(invoke("retrieve", run, "--user", uid, "--all"), "exactly one of")
-    assert_clean_error(invoke("retrieve", run, "--user", uid, "--format", "xml"), "--format")
+    assert_usage_error(invoke("retrieve", run, "--user", uid, "--format", "xml"), "--format")
     assert_clean_error(invoke("retrieve", run, "--eval"), "--eval needs --data")
-    assert_clean_error(invoke("index", "build", run, "--ann", "ivf"), "--ann must be none or hnsw")
+    assert_usage_error(invoke("index", "build", run, "--ann", "ivf"), "--ann", "none", "hnsw")
     assert_clean_error(invoke("index", "build", run, "--data", tmp_path / "none.h5"), "no such file")
 
 
