@@ -111,13 +111,11 @@ def evaluate(
             raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
         res = predict(b.model, b.encoder(), f, batch_size=batch_size)
     metrics = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    if "r" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_pos"], metrics["mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
-    if "r_hat" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_hat_pos"] = float(res["r_hat"][pos].mean())
-        metrics["mean_r_hat_neg"] = float(res["r_hat"][~pos].mean())
+    pos = res["label"] > 0
+    for key in ("r", "r_hat"):
+        if key in res:  # a mean over no rows is undefined: None, printed as null
+            metrics[f"mean_{key}_pos"] = float(res[key][pos].mean()) if pos.any() else None
+            metrics[f"mean_{key}_neg"] = float(res[key][~pos].mean()) if (~pos).any() else None
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)
@@ -127,5 +125,5 @@ def evaluate(
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         if k not in ("run", "data"):
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
+            table.add_row(k, "-" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
     print_table(table)
