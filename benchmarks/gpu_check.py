@@ -72,8 +72,7 @@ def main() -> None:
         run = tmp / "run"
         summary = train(tmp / "train.h5", tmp / "valid.h5", run, DMRConfig(),
                         TrainConfig(device=args.device, max_steps=args.steps, epochs=100,
-                                    log_every=max(args.steps // 10, 1), checkpoint_every=10 ** 9),
-                        progress_bar=False)
+                                    log_every=max(args.steps // 10, 1), checkpoint_every=10 ** 9))
         losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(x)]
         check("train: loss first -> last logged", f"{losses[0]:.4f} -> {losses[-1]:.4f}", losses[-1] < losses[0])

@@ -95,7 +95,7 @@ def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, devic
     cfg = DMRConfig.from_json(variant)
     t0 = time.perf_counter()
     summary = train(data / "train.h5", data / "valid.h5", work / f"run-{seed}", cfg,
-                    TrainConfig(seed=seed, epochs=epochs, patience=1, device=device), progress_bar=False)
+                    TrainConfig(seed=seed, epochs=epochs, patience=1, device=device))
     seconds = time.perf_counter() - t0
     from dmrx.models import bundle
 

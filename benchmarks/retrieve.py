@@ -228,6 +228,7 @@ def bench_amazon(args) -> dict:
         raise SystemExit("--amazon needs the Amazon importer (dmrx/data/amazon.py, `dmrx data amazon`)") from None
     from dmrx.models import bundle
     from dmrx.models.dmr import DMRConfig
+    from dmrx.progress import progress
     from dmrx.retrieval.evaluate import evaluate
     from dmrx.training.trainer import TrainConfig, train
 
@@ -252,9 +253,8 @@ def bench_amazon(args) -> dict:
             seed=0,
             max_steps=args.max_steps,
         )
-        res["train"] = train(
-            data / "train.h5", data / "valid.h5", run, model_cfg, train_cfg, progress_bar=not args.json
-        )
+        with progress(enabled=not args.json) as start:
+            res["train"] = train(data / "train.h5", data / "valid.h5", run, model_cfg, train_cfg, progress=start)
     res["train_s"] = round(time.perf_counter() - t, 1)
     b = bundle.load(run)
     t = time.perf_counter()

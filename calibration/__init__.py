@@ -6,8 +6,9 @@
 from dmrx.calibration.cache import RangeCache, cache_key
 from dmrx.calibration.reader import MIN_ROWS, DataFileReader, check_calibration_file
 from dmrx.calibration.report import precision_report, report_table
+from dmrx.choices import CALIB_METHODS
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = CALIB_METHODS
 
 __all__ = ["METHODS", "MIN_ROWS", "DataFileReader", "RangeCache", "cache_key", "check_calibration_file",
            "precision_report", "report_table"]

@@ -40,19 +40,5 @@ app.command("export")(export.export)
 app.command("report")(report.report)
 
 
-def _not_yet(name: str, issue: str):
-    def command(ctx: typer.Context):
-        typer.echo(f"dmrx {name} is not available yet ({issue}).", err=True)
-        raise typer.Exit(1)
-
-    command.__doc__ = f"Not available yet ({issue})."
-    return command
-
-
-for _name, _issue in ():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _not_yet(_name, _issue))
-
-
 def main() -> None:
     app()

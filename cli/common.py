@@ -1,19 +1,38 @@
-"""What every command shares: consoles, one-line errors, --json output."""
+"""What every command shares: consoles, one-line errors, --json output, tables, renamed options."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
+from typing import IO, Any
 
+import numpy as np
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
 from dmrx.errors import DmrxError
 
-console = Console()
-err_console = Console(stderr=True)
+PIPE_WIDTH = 1000
+
+
+class _Console(Console):
+    """Fits a terminal's width; a pipe or a log has none to fit, so there tables are never wrapped at 80
+    columns or cut (an explicit COLUMNS still wins)."""
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self.is_terminal or self._width is not None or "COLUMNS" in self._environ:
+            return size
+        return ConsoleDimensions(PIPE_WIDTH, size.height)
+
+    size = property(_size, Console.size.fset)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 
 def user_errors(fn):
@@ -34,8 +53,36 @@ def user_errors(fn):
     return wrapper
 
 
-def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+def jsonable(obj: Any) -> Any:
+    """obj with numpy values as Python ones and NaN/Infinity as None, recursively: JSON has no NaN, and a
+    strict parser rejects the bare NaN that json.dumps writes by default."""
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str | int | float | bool) or k is None else str(k): jsonable(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def print_json(obj: Any, file: IO[str] | None = None, indent: int | None = 2) -> None:
+    """Write obj as strict JSON (undefined numbers are null) to stdout or `file`; indent=None writes one
+    line (a JSON Lines record)."""
+    text = json.dumps(jsonable(obj), indent=indent, default=str, allow_nan=False)
+    (file or sys.stdout).write(text + "\n")
+
+
+def print_table(table: Table, to: Console | None = None) -> None:
+    """Print a table whose cells fold onto a second line rather than end in "…" when a terminal is too
+    narrow: a cut number reads as a different number."""
+    for column in table.columns:
+        column.overflow = "fold"
+    (to or console).print(table)
 
 
 def kv_table(title: str, rows: dict) -> Table:
@@ -43,5 +90,17 @@ def kv_table(title: str, rows: dict) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows.items():
-        table.add_row(str(k), f"{v:.4f}" if isinstance(v, float) else str(v))
+        table.add_row(str(k), "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
     return table
+
+
+def renamed(ctx: typer.Context, new_value, old_value, new: str, old: str):
+    """The value of an option that was renamed from `old` to `new`: the old name still works, with a note
+    on stderr; giving both is a usage error."""
+    if old_value is None:
+        return new_value
+    source = ctx.get_parameter_source(new.lstrip("-").replace("-", "_"))
+    if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+        raise typer.BadParameter(f"{old} is the old name of {new}; give only {new}", param_hint=old)
+    err_console.print(f"note: {old} is now {new} ({old} still works but is deprecated)", highlight=False)
+    return old_value

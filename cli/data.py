@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dmrx.cli.common import console, print_json, user_errors
+from dmrx.cli.common import console, print_json, print_table, renamed, user_errors
+from dmrx.progress import status
 
 app = typer.Typer(help="Create and inspect dmrx data files.", no_args_is_help=True)
 
@@ -15,17 +16,23 @@ app = typer.Typer(help="Create and inspect dmrx data files.", no_args_is_help=Tr
 @app.command()
 @user_errors
 def synthetic(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Directory to write train/valid/test/candidates.h5 into.")] = Path("."),
-    users: Annotated[int, typer.Option(min=10, help="Number of users (raw ids 1..N).")] = 10_000,
-    items: Annotated[int, typer.Option(min=600, help="Number of items.")] = 5_000,
+    n_users: Annotated[int, typer.Option(min=10, help="Number of users (raw ids 1..N).")] = 10_000,
+    n_items: Annotated[int, typer.Option(min=600, help="Number of items.")] = 5_000,
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic for a seed.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    users: Annotated[int | None, typer.Option(min=10, hidden=True, help="Old name of --n-users.")] = None,
+    items: Annotated[int | None, typer.Option(min=600, hidden=True, help="Old name of --n-items.")] = None,
 ):
     """Generate the embedded default data: an Alimama-like click log with drifting user interests."""
     from dmrx.data.synthetic import SyntheticConfig, generate
 
-    cfg = SyntheticConfig(users=users, items=items, seed=seed)
-    with console.status("generating synthetic data"):
+    # --users and --items were counts here but a file of user ids elsewhere (dmrx retrieve --users FILE)
+    n_users = renamed(ctx, n_users, users, "--n-users", "--users")
+    n_items = renamed(ctx, n_items, items, "--n-items", "--items")
+    cfg = SyntheticConfig(users=n_users, items=n_items, seed=seed)
+    with status("generating synthetic data", enabled=not json_out):
         written = generate(out, cfg)
     if json_out:
         print_json({"out": str(out), "rows": written})
@@ -73,7 +80,7 @@ def info(
         rows[f"attr {k}"] = v
     for k, v in rows.items():
         table.add_row(k, str(v))
-    console.print(table)
+    print_table(table)
 
 
 def _size(n: int) -> str:
@@ -101,7 +108,7 @@ def amazon(
     per positive."""
     from dmrx.data.importers.amazon import import_amazon
 
-    with console.status(f"importing {src / name}"):
+    with status(f"importing {src / name}", enabled=not json_out):
         summary = import_amazon(src, name, out, seed=seed, max_len=max_len)
     _report(out, summary, json_out)
 
@@ -126,9 +133,8 @@ def alimama(
     user's behaviours before each impression (an external sort keeps memory bounded)."""
     from dmrx.data.importers.alimama import import_alimama
 
-    with console.status("importing alimama") as status:
-        summary = import_alimama(src, out, chunk_rows=chunk_rows, max_len=max_len, tmp_dir=tmp,
-                                 progress=lambda msg: status.update(msg))
+    with status("importing alimama", enabled=not json_out) as say:
+        summary = import_alimama(src, out, chunk_rows=chunk_rows, max_len=max_len, tmp_dir=tmp, progress=say)
     _report(out, summary, json_out)
 
 
@@ -143,10 +149,11 @@ def _names(text: str | None) -> list[str] | None:
 @app.command("csv")
 @user_errors
 def csv_(
+    ctx: typer.Context,
     file: Annotated[Path, typer.Argument(
         metavar="FILE", help="CSV file (or .parquet/.pq, with pyarrow) with a header row.")],
     out: Annotated[Path, typer.Argument(metavar="OUT.h5", help="The dmrx data file to write.")],
-    user: Annotated[str, typer.Option(help="User id column.")] = "user_id",
+    user_column: Annotated[str, typer.Option(help="User id column.")] = "user_id",
     label: Annotated[str, typer.Option(help="0/1 label column.")] = "label",
     no_label: Annotated[bool, typer.Option("--no-label", help="Write an unlabelled file (no label column).")]
     = False,
@@ -166,13 +173,16 @@ def csv_(
     = None,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows converted at a time.")] = 1 << 16,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    user: Annotated[str | None, typer.Option(hidden=True, help="Old name of --user-column.")] = None,
 ):
     """Import a flat table with delimiter-joined history columns (the FuxiCTR layout): a row per example."""
     from dmrx.data.importers.tabular import import_csv, parse_mapping
 
-    with console.status(f"importing {file}"):
+    # --user is a user id in dmrx retrieve; here it named the column
+    user_column = renamed(ctx, user_column, user, "--user-column", "--user")
+    with status(f"importing {file}", enabled=not json_out):
         summary = import_csv(
-            file, out, user=user, label=None if no_label else label,
+            file, out, user=user_column, label=None if no_label else label,
             target=parse_mapping(target, "--target"), history=parse_mapping(history, "--history"),
             sep=sep, profile=_names(profile), context=_names(context), dense=_names(dense),
             delimiter=_delimiter(delimiter), hashed=_names(hash_cols), chunk_rows=chunk_rows)

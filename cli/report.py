@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from dmrx.cli.common import console, kv_table, print_json, user_errors
+from dmrx.cli.common import kv_table, print_json, print_table, user_errors
 
 
 @user_errors
@@ -29,7 +29,7 @@ def report(
     if json_out:
         print_json(res)
         return
-    console.print(kv_table(f"report {res['index']}", {
+    print_table(kv_table(f"report {res['index']}", {
         **{k: res["metrics"][k] for k in ("rows", "auc", "gauc", "logloss", "ece") if k in res["metrics"]},
         "figures": ", ".join(res["figures"]),
         **{f"skipped {k}": v for k, v in res["skipped"].items()}}))

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from dmrx.cli.common import console, err_console, print_json, user_errors
+from dmrx.choices import AnnKind, EncoderBackend, SearchMethod, choice
+from dmrx.cli.common import err_console, print_json, print_table, user_errors
 from dmrx.errors import DmrxError
+from dmrx.progress import progress
 
 index_app = typer.Typer(
     help="Build and inspect a run's retrieval index (user vectors u, item table V').", no_args_is_help=True
@@ -32,48 +25,22 @@ RunArg = Annotated[
     Path | None,
     typer.Argument(metavar="RUN", help="Run directory (default: the most recent run).", show_default=False),
 ]
+OutputFormat = choice("OutputFormat", ("table", "json", "csv"))
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool = True):
-    """A factory task(description, total) -> advance(n), drawing rich bars on stderr when it is a terminal
-    (or None)."""
-    if not (enabled and err_console.is_terminal):
-        yield None
-        return
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
-
-    def task(description: str, total: int):
-        tid = bars.add_task(description, total=total)
-        return lambda n: bars.advance(tid, n)
-
-    with bars:
-        yield task
-
-
-def _build(
-    run: Path | None, data, ann, backend, ef_search, json_out: bool, hnsw_m: int = 32, ef_construction: int = 128
-):
+def _build(run: Path | None, data, ann, backend, ef_search, hnsw_m: int = 32, ef_construction: int = 128):
     from dmrx.retrieval.index import build_index
 
-    with _progress() as progress:
+    with progress() as start:
         return build_index(
             run,
             data=data,
-            ann=ann,
-            backend=backend,
+            ann=ann.value,
+            backend=backend.value,
             ef_search=ef_search,
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
-            progress=progress,
+            progress=start,
         )
 
 
@@ -116,9 +83,11 @@ def build(
         ),
     ] = None,
     ann: Annotated[
-        str, typer.Option(help="none (exact search only) or hnsw (faiss HNSW: pip install dmrx\\[faiss]).")
-    ] = "none",
-    backend: Annotated[str, typer.Option(help="torch, or onnxruntime (uses RUN/export/user_encoder.onnx).")] = "torch",
+        AnnKind, typer.Option(help="none (exact search only) or hnsw (faiss HNSW: pip install dmrx\\[faiss]).")
+    ] = AnnKind.none,
+    backend: Annotated[
+        EncoderBackend, typer.Option(help="User encoder (onnxruntime uses RUN/export/user_encoder.onnx).")
+    ] = EncoderBackend.torch,
     ef_search: Annotated[
         int, typer.Option(min=1, help="HNSW efSearch (search-time list size; higher: better recall, slower).")
     ] = 128,
@@ -129,11 +98,11 @@ def build(
     json_out: Annotated[bool, typer.Option("--json", help="Print the index manifest as JSON.")] = False,
 ):
     """Compute u for every user from the most recent history and index V' with raw item ids (RUN/index)."""
-    manifest = _build(run, data, ann, backend, ef_search, json_out, hnsw_m, ef_construction)
+    manifest = _build(run, data, ann, backend, ef_search, hnsw_m, ef_construction)
     if json_out:
         print_json(manifest)
     else:
-        console.print(_summary_table(manifest, manifest["path"]))
+        print_table(_summary_table(manifest, manifest["path"]))
 
 
 @index_app.command("info")
@@ -150,7 +119,7 @@ def info(
     if json_out:
         print_json(index.manifest)
     else:
-        console.print(_summary_table(index.manifest, index.path))
+        print_table(_summary_table(index.manifest, index.path))
 
 
 def _parse_user(text: str, where: str) -> int:
@@ -188,28 +157,28 @@ def _open_index(run: Path | None):
         err_console.print(
             f"{run_dir} has no index yet: building it first (`dmrx index build {run_dir}`)", highlight=False
         )
-        with _progress() as progress:
-            from dmrx.retrieval.index import build_index
+        from dmrx.retrieval.index import build_index
 
-            build_index(run_dir, progress=progress)
+        with progress() as start:
+            build_index(run_dir, progress=start)
     return run_dir, load_index(run_dir, run_manifest)
 
 
+def user_record(user: int, items: np.ndarray, scores: np.ndarray, meta: dict) -> dict:
+    """One user's top K as --json writes it, for one user and for many alike (one JSON line each)."""
+    keep = items >= 0
+    ranked = [{"rank": i + 1, "item": int(it), "score": float(s)}
+              for i, (it, s) in enumerate(zip(items[keep], scores[keep], strict=True))]
+    return {"user": int(user), **meta, "items": ranked}
+
+
 def _emit_one(user: int, items: np.ndarray, scores: np.ndarray, fmt: str, meta: dict) -> None:
+    if fmt == "json":
+        print_json(user_record(user, items, scores, meta), indent=None)
+        return
     keep = items >= 0
     items, scores = items[keep], scores[keep]
-    if fmt == "json":
-        print_json(
-            {
-                "user": user,
-                **meta,
-                "items": [
-                    {"rank": i + 1, "item": int(it), "score": float(s)}
-                    for i, (it, s) in enumerate(zip(items, scores, strict=False))
-                ],
-            }
-        )
-    elif fmt == "csv":
+    if fmt == "csv":
         w = csv.writer(sys.stdout, lineterminator="\n")
         w.writerow(["rank", "item", "score"])
         for i, (it, s) in enumerate(zip(items, scores, strict=False)):
@@ -221,7 +190,10 @@ def _emit_one(user: int, items: np.ndarray, scores: np.ndarray, fmt: str, meta: 
         table.add_column("score u . v'", justify="right")
         for i, (it, s) in enumerate(zip(items, scores, strict=False)):
             table.add_row(str(i + 1), str(int(it)), f"{float(s):.5f}")
-        console.print(table)
+        print_table(table)
+
+
+RECORD_META = ("run", "search", "match_field")  # what each --json record repeats of the search
 
 
 class _Sink:
@@ -229,6 +201,7 @@ class _Sink:
 
     def __init__(self, out: Path | None, fmt: str, n_users: int, k: int, meta: dict):
         self.out, self.fmt, self.k, self.meta, self.n = out, fmt, k, meta, 0
+        self.record_meta = {key: meta[key] for key in RECORD_META if key in meta}
         self._stack = contextlib.ExitStack()
         if out is None:
             self.kind, self._fh = ("json" if fmt == "json" else "csv"), sys.stdout
@@ -268,18 +241,8 @@ class _Sink:
                     if it >= 0:
                         self._csv.writerow([u, r + 1, it, f"{s:.6g}"])
         else:
-            for u, its, ss in zip(users.tolist(), items, scores, strict=False):
-                keep = its >= 0
-                self._fh.write(
-                    json.dumps(
-                        {
-                            "user": u,
-                            "items": its[keep].tolist(),
-                            "scores": [round(float(x), 6) for x in ss[keep]],
-                        }
-                    )
-                    + "\n"
-                )
+            for u, its, ss in zip(users.tolist(), items, scores, strict=True):
+                print_json(user_record(u, its, ss, self.record_meta), file=self._fh, indent=None)
         self.n += len(users)
 
     def close(self, ok: bool) -> None:
@@ -328,7 +291,9 @@ def retrieve(
     data: Annotated[Path | None, typer.Option(help="Labelled test file for --eval.", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", "-k", help="Items per user.")] = 50,
     exclude_seen: Annotated[bool, typer.Option(help="Leave out items the user's history already holds.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    fmt: Annotated[OutputFormat, typer.Option(
+        "--format", help="json: one JSON object per user and line (for --user, --users and --all alike).")]
+    = OutputFormat.table,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -337,23 +302,22 @@ def retrieve(
         ),
     ] = None,
     search: Annotated[
-        str,
+        SearchMethod,
         typer.Option(
             help="exact (default, the oracle), int8 (two-stage: int8 pass, fp32 "
             "re-rank) or hnsw (needs an index built with --ann hnsw)."
         ),
-    ] = "exact",
+    ] = SearchMethod.exact,
     ef_search: Annotated[
         int | None,
         typer.Option(min=1, help="HNSW efSearch for this search (default: the index's).", show_default=False),
     ] = None,
-    backend: Annotated[str, typer.Option(help="--eval: torch or onnxruntime user encoder.")] = "torch",
+    backend: Annotated[EncoderBackend, typer.Option(help="--eval: the user encoder.")] = EncoderBackend.torch,
     json_out: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
 ):
     """Top K items by u . v' for one user (--user), many (--users FILE, --all), or an evaluation (--eval)."""
-    fmt = "json" if json_out else fmt
-    if fmt not in ("table", "json", "csv"):
-        raise DmrxError(f"--format must be table, json or csv, got {fmt!r}")
+    fmt = "json" if json_out else fmt.value
+    search, backend = search.value, backend.value
     modes = [
         name
         for name, on in (
@@ -379,8 +343,6 @@ def retrieve(
         user_id = _parse_user(user, "--user")
     else:
         wanted = _read_users(users) if users is not None else None
-    if search not in ("exact", "int8", "hnsw"):
-        raise DmrxError(f"--search must be exact, int8 or hnsw, got {search!r}")
     run_dir, index = _open_index(run)
     k = index.check_k(topk)
     index.searcher(search, ef_search)  # fails early when HNSW was not built
@@ -399,7 +361,7 @@ def retrieve(
                 "rebuild it with `dmrx index build --data ...` to add users)"
             )
         items, scores = index.recommend(np.array([user_id]), k, search, exclude_seen, ef_search)
-        _emit_one(user_id, items[0], scores[0], fmt, {k2: meta[k2] for k2 in ("run", "search", "match_field")})
+        _emit_one(user_id, items[0], scores[0], fmt, {key: meta[key] for key in RECORD_META})
         return
     if wanted is None:
         ids = index.users
@@ -420,15 +382,15 @@ def retrieve(
     sink = _Sink(out, fmt, len(ids), k, meta)
     ok = False
     try:
-        with _progress(out is not None or not sys.stdout.isatty()) as progress:
-            advance = progress("retrieving", len(ids)) if progress else None
+        # bars on stderr would interleave with rows written to a terminal's stdout
+        with progress(enabled=out is not None or not sys.stdout.isatty()) as start:
+            advance = start("retrieving", len(ids), unit="users")
             step = 4096
             for s in range(0, len(ids), step):
                 part = ids[s : s + step]
                 items, scores = index.recommend(part, k, search, exclude_seen, ef_search)
                 sink.write(part, items, scores)
-                if advance:
-                    advance(len(part))
+                advance(len(part))
         ok = True
     finally:
         sink.close(ok)
@@ -445,8 +407,8 @@ def _evaluate(run: Path | None, data: Path | None, exclude_seen: bool, backend: 
     if not data.exists():
         raise DmrxError(f"{data}: no such file")
     b = bundle.load(run)
-    with _progress() as progress:
-        res = evaluate(b, data, exclude_seen=exclude_seen, backend=backend, progress=progress)
+    with progress() as start:
+        res = evaluate(b, data, exclude_seen=exclude_seen, backend=backend, progress=start)
     res = {"run": str(b.path), **res}
     if fmt == "json":
         print_json(res)
@@ -457,4 +419,4 @@ def _evaluate(run: Path | None, data: Path | None, exclude_seen: bool, backend: 
             name, k = key.split("@")
             w.writerow([name, k, f"{res['dmr'][key]:.6f}", f"{res['most_popular'][key]:.6f}"])
     else:
-        console.print(_eval_table(res, b.path))
+        print_table(_eval_table(res, b.path))

@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
-from dmrx.cli.common import console, err_console, print_json, user_errors
+from dmrx.choices import Backend, Device, Precision
+from dmrx.cli.common import err_console, print_json, print_table, user_errors
 from dmrx.errors import DmrxError
-
-
-class _Rate(ProgressColumn):
-    def render(self, task) -> Text:
-        rate = task.fields.get("rate")
-        return Text(f"{rate:,.0f} rows/s" if rate else "- rows/s", style="progress.data.speed")
-
-
-class _Bar:
-    """A rich progress bar over rows: rows/s measured over this run (resumed rows excluded), and ETA."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress = None
-        self.task = None
-        self.t0 = time.perf_counter()
-        self.first = None
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                                     TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                                     transient=True)
-            self.progress.__enter__()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("score", total=total, completed=done, rate=None)
-            self.first, self.t0 = done, time.perf_counter()
-            return
-        dt = time.perf_counter() - self.t0
-        rate = (done - self.first) / dt if dt > 0 else None
-        self.progress.update(self.task, completed=done, rate=rate)
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+from dmrx.progress import progress
 
 
 def _summary_table(s: dict) -> Table:
@@ -92,14 +51,17 @@ def score(
     inputs: Annotated[list[Path], typer.Argument(
         help="CANDIDATES.h5 to score; with --merge, the shard outputs to join.", show_default=False)],
     model: Annotated[str | None, typer.Option(
+        metavar="RUN_OR_EXPORT", show_default=False,
         help="Run directory or its export bundle (default: the most recent run, with its export if any).")] = None,
     out: Annotated[Path | None, typer.Option(
         help="Output file (default CANDIDATES.scores.h5 beside the input; .shard-I-of-N with --shard).")] = None,
-    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, fp16, bf16 (torch on CUDA) or int8.")] = "fp32",
+    backend: Annotated[Backend, typer.Option(help="Inference engine (auto: the fastest one available).")]
+    = Backend.auto,
+    precision: Annotated[Precision, typer.Option(help="Numeric precision (bf16: torch on CUDA only).")]
+    = Precision.fp32,
     batch_size: Annotated[int, typer.Option(min=1, help="Candidates per scoring call.")] = 4096,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    device: Annotated[Device, typer.Option(help="Where to score (auto: cuda when available).")] = Device.auto,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last committed chunk.")] = False,
     shard: Annotated[str | None, typer.Option(
         help="Score only shard I of N (I/N; by user) into its own output.")] = None,
@@ -118,14 +80,30 @@ def score(
         if len(inputs) != 1:
             raise DmrxError(f"give one candidate file (got {len(inputs)}); use --merge to join shard outputs")
         try:
-            with _Bar(enabled=not json_out) as bar:
-                summary = score_file(inputs[0], model, out, backend=backend, precision=precision,
+            with progress(enabled=not json_out) as start:
+                summary = score_file(inputs[0], model, out, backend=backend.value, precision=precision.value,
                                      batch_size=batch_size, threads=threads, resume=resume,
-                                     shard=parse_shard(shard), chunk_rows=chunk_rows, device=device, progress=bar)
+                                     shard=parse_shard(shard), chunk_rows=chunk_rows,
+                                     device=None if device is Device.auto else device.value,
+                                     progress=_rows_bar(start))
         except KeyboardInterrupt:
             err_console.print("interrupted: committed chunks are kept; rerun with --resume to continue")
             raise
     if json_out:
         print_json(summary)
     else:
-        console.print(_summary_table(summary))
+        print_table(_summary_table(summary))
+
+
+def _rows_bar(start):
+    """score_file's progress(rows_done, rows_total) as a bar that starts where a resumed run left off."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = start("scoring", total, completed=done)
+        else:
+            bar.update(done)
+
+    return update

@@ -10,8 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dmrx.cli.common import console, err_console, kv_table, print_json, user_errors
+from dmrx.choices import Arch, Device
+from dmrx.cli.common import err_console, kv_table, print_json, print_table, renamed, user_errors
 from dmrx.errors import DmrxError
+from dmrx.progress import progress, status
 
 
 def _default_data() -> tuple[Path, Path | None]:
@@ -20,7 +22,7 @@ def _default_data() -> tuple[Path, Path | None]:
         from dmrx.data.synthetic import generate
 
         err_console.print("no --data given and no ./train.h5: generating the embedded synthetic data here")
-        with console.status("generating synthetic data"):
+        with status("generating synthetic data"):
             generate(".")
     return train, valid if valid.exists() else None
 
@@ -36,14 +38,18 @@ def _latest_unfinished() -> Path:
 
 @user_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Option(help="Training file (default ./train.h5, generated if absent).")] = None,
     valid: Annotated[Path | None, typer.Option(help="Validation file (default ./valid.h5 when present).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML config with 'model' and 'train' sections.")] = None,
-    model: Annotated[str | None, typer.Option(help="dmr, lr, widedeep, pnn, din or dien (overrides config).")] = None,
+    arch: Annotated[Arch | None, typer.Option(help="Model kind: DMR or a baseline (overrides config).",
+                                              show_default=False)] = None,
+    model: Annotated[Arch | None, typer.Option(hidden=True, help="Old name of --arch.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<timestamp>).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training data (max).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; CPU runs are deterministic for a seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: Annotated[Device | None, typer.Option(help="Where to train (default auto: cuda when available).",
+                                                 show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per step.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=0, help="Stop after this many steps (0: no limit).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--out, or the newest one).")] = False,
@@ -53,11 +59,12 @@ def train(
     from dmrx.training.trainer import load_config
     from dmrx.training.trainer import train as run_training
 
-    overrides = {"epochs": epochs, "seed": seed, "device": device, "batch_size": batch_size,
+    arch = renamed(ctx, arch, model, "--arch", "--model")
+    overrides = {"epochs": epochs, "seed": seed, "device": device and device.value, "batch_size": batch_size,
                  "max_steps": max_steps}
     model_cfg, train_cfg = load_config(config, overrides)
-    if model is not None:
-        model_cfg.model = model
+    if arch is not None:
+        model_cfg.model = arch.value
         model_cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (out is None or (data is None and not resume)):
         # every rank must agree on these without talking: a timestamped name or generated data would race
@@ -76,13 +83,13 @@ def train(
         run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         if run_dir.exists() and any(run_dir.iterdir()):
             raise DmrxError(f"{run_dir}: run directory exists and is not empty (use --resume to continue it)")
-    summary = run_training(data, valid, run_dir, model_cfg, train_cfg, resume=resume,
-                           progress_bar=not json_out)
+    with progress(enabled=not json_out) as start:
+        summary = run_training(data, valid, run_dir, model_cfg, train_cfg, resume=resume, progress=start)
     summary["run"] = str(run_dir)
     if json_out:
         print_json(summary)
     else:
-        console.print(kv_table(f"trained {run_dir}", summary))
+        print_table(kv_table(f"trained {run_dir}", summary))
 
 
 @user_errors
@@ -104,13 +111,11 @@ def evaluate(
             raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
         res = predict(b.model, b.encoder(), f, batch_size=batch_size)
     metrics = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    if "r" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_pos"], metrics["mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
-    if "r_hat" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_hat_pos"] = float(res["r_hat"][pos].mean())
-        metrics["mean_r_hat_neg"] = float(res["r_hat"][~pos].mean())
+    pos = res["label"] > 0
+    for key in ("r", "r_hat"):
+        if key in res:  # a mean over no rows is undefined: None, printed as null
+            metrics[f"mean_{key}_pos"] = float(res[key][pos].mean()) if pos.any() else None
+            metrics[f"mean_{key}_neg"] = float(res[key][~pos].mean()) if (~pos).any() else None
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)
@@ -120,5 +125,5 @@ def evaluate(
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         if k not in ("run", "data"):
-            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
-    console.print(table)
+            table.add_row(k, "-" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v:,}")
+    print_table(table)

@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir
+from dmrx.choices import CALIB_METHODS, ENGINES
 from dmrx.errors import DmrxError
 from dmrx.export import gates as G
 from dmrx.export.graphs import OPSET, describe_io, export_graph, opset_of
@@ -62,6 +63,7 @@ class ExportOptions:
     engine: str | None = None
     check_tensorrt: bool = False
     gate: bool = True
+    force: bool = False  # replace an existing `out` (atomically)
     timing: bool = True
     cache_dir: Path | None = None  # calibration range cache (default RUN/.calibration-cache)
     extra: dict = field(default_factory=dict)
@@ -91,11 +93,15 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         raise DmrxError(f"{b.path}: dmrx export handles DMR runs; this run trained the "
                         f"{b.model.cfg.model if hasattr(b.model, 'cfg') else type(b.model).__name__!r} baseline")
     out = Path(opts.out) if opts.out is not None else b.path / "export"
-    if out.exists():
-        raise DmrxError(f"{out}: output directory exists; remove it or choose another with --out")
-    if opts.calib_method not in ("minmax", "entropy", "percentile"):
+    if out.exists() and not opts.force:
+        raise DmrxError(f"{out}: output directory exists; replace it with --force or choose another with --out")
+    if opts.force and out.exists() and not out.is_dir():
+        raise DmrxError(f"{out}: exists and is not a directory; --force replaces only an earlier export")
+    if opts.force and out.resolve() in (b.path.resolve(), *b.path.resolve().parents):
+        raise DmrxError(f"{out}: --force would replace the run itself; choose another --out")
+    if opts.calib_method not in CALIB_METHODS:
         raise DmrxError(f"--calib-method must be minmax, entropy or percentile, got {opts.calib_method!r}")
-    if opts.engine not in (None, "tensorrt"):
+    if opts.engine is not None and opts.engine not in ENGINES:
         raise DmrxError(f"--engine must be 'tensorrt', got {opts.engine!r}")
     if opts.engine == "tensorrt":
         from dmrx.export import tensorrt as trt_mod
@@ -131,7 +137,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         "input_names": dict(gs.names), "max_len": gs.max_len, "precisions": precisions,
         "gated": opts.gate, "artifacts": {}, "versions": run_bundle.library_versions(),
     }
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=opts.force) as tmp:
         paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
         for graph in GRAPHS:
             say(f"exporting {graph} (FP32)")

@@ -50,5 +50,5 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     train(tiny_data / "train.h5", tiny_data / "valid.h5", run,
           # with the user id (off by default) so its encoding, scoring and export stay covered
           DMRConfig(embed_dim=8, attn_hidden=16, mlp=(32, 16), num_negatives=50, max_len=20, use_user_id=True),
-          TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10), progress_bar=False)
+          TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10))
     return run

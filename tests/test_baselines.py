@@ -92,7 +92,7 @@ def test_lr_cross_buckets(parts):
 def test_baseline_trains_and_bundle_reloads(name, tiny_data, tmp_path):
     run = tmp_path / name
     summary = train(tiny_data / "train.h5", tiny_data / "valid.h5", run, DMRConfig(model=name, **SMALL),
-                    TrainConfig(epochs=1, batch_size=64, max_steps=24, log_every=4, lr=0.01), progress_bar=False)
+                    TrainConfig(epochs=1, batch_size=64, max_steps=24, log_every=4, lr=0.01))
     assert summary["steps"] == 24 and summary["aux_loss"] is False
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]

@@ -21,8 +21,8 @@ USERS = 300
 
 
 def _synthetic(out, seed):
-    res = runner.invoke(app, ["data", "synthetic", "--out", str(out), "--users", str(USERS),
-                              "--items", "1000", "--seed", str(seed), "--json"])
+    res = runner.invoke(app, ["data", "synthetic", "--out", str(out), "--n-users", str(USERS),
+                              "--n-items", "1000", "--seed", str(seed), "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
@@ -98,8 +98,8 @@ def test_synthetic_cli_defaults_are_the_generators():
     from dmrx.cli.data import synthetic
 
     params = inspect.signature(synthetic).parameters
-    for name in ("users", "items", "seed"):
-        assert params[name].default == getattr(SyntheticConfig(), name), name
+    for param, name in (("n_users", "users"), ("n_items", "items"), ("seed", "seed")):
+        assert params[param].default == getattr(SyntheticConfig(), name), name
 
 
 def test_help_lists_every_command():

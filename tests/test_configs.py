@@ -100,8 +100,7 @@ def _tiny_run(tiny_data, run: Path, **model) -> None:
     from dmrx.training.trainer import train
 
     cfg = DMRConfig(**{"embed_dim": 8, "attn_hidden": 16, "mlp": (16,), "num_negatives": 20, "max_len": 20, **model})
-    train(tiny_data / "train.h5", None, run, cfg, TrainConfig(epochs=1, batch_size=128, max_steps=6, sparse_lr=0.0),
-          progress_bar=False)
+    train(tiny_data / "train.h5", None, run, cfg, TrainConfig(epochs=1, batch_size=128, max_steps=6, sparse_lr=0.0))
 
 
 def _predictions(run: Path, tiny_data) -> tuple[DMRConfig, dict[str, np.ndarray]]:

@@ -80,7 +80,7 @@ def test_no_sharing_across_chunks_still_exact(tmp_path):
 def test_explicit_mapping_tab_and_quotes(tmp_path):
     src = tmp_path / "t.tsv"
     src.write_text('uid\tclick\tad\thist\n1\t1\t"5"\t"1|2|3"\n2\t0\t6\t\n')
-    result = run(src, tmp_path / "o.h5", "--user", "uid", "--label", "click", "--target", "item=ad",
+    result = run(src, tmp_path / "o.h5", "--user-column", "uid", "--label", "click", "--target", "item=ad",
                  "--history", "item=hist", "--sep", "|", "--delimiter", "tab")
     assert result.exit_code == 0, result.output
     rows = read_rows(tmp_path / "o.h5")
@@ -100,7 +100,7 @@ def test_helpers():
 def test_fuxictr_fixture(tmp_path):
     profile = "cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation," \
               "new_user_class_level"
-    result = run(FUXI, tmp_path / "o.h5", "--user", "userid", "--label", "clk", "--history",
+    result = run(FUXI, tmp_path / "o.h5", "--user-column", "userid", "--label", "clk", "--history",
                  "item=click_sequence", "--target",
                  "item=adgroup_id,cate=cate_id,brand=brand,campaign=campaign_id,customer=customer",
                  "--profile", profile, "--context", "pid", "--hash", "pid,time_stamp", "--dense", "price")

@@ -21,6 +21,15 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def assert_usage_error(res, *fragments: str):
+    """A bad choice is refused by the command line parser: exit code 2, the option and its choices named."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    for frag in fragments:
+        assert frag in text, res.output
+
+
 def assert_clean_error(res, *fragments: str):
     """Non-zero exit, one 'error:' line naming the problem, no traceback."""
     assert res.exit_code != 0, res.output
@@ -417,9 +426,9 @@ def test_bad_input(run, index, tmp_path):
     assert_clean_error(invoke("index", "build", tmp_path / "nope"), "no such run directory")
     assert_clean_error(invoke("retrieve", run), "exactly one of")
     assert_clean_error(invoke("retrieve", run, "--user", uid, "--all"), "exactly one of")
-    assert_clean_error(invoke("retrieve", run, "--user", uid, "--format", "xml"), "--format")
+    assert_usage_error(invoke("retrieve", run, "--user", uid, "--format", "xml"), "--format")
     assert_clean_error(invoke("retrieve", run, "--eval"), "--eval needs --data")
-    assert_clean_error(invoke("index", "build", run, "--ann", "ivf"), "--ann must be none or hnsw")
+    assert_usage_error(invoke("index", "build", run, "--ann", "ivf"), "--ann", "none", "hnsw")
     assert_clean_error(invoke("index", "build", run, "--data", tmp_path / "none.h5"), "no such file")
 
 
@@ -508,3 +517,22 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
     assert_clean_error(invoke("index", "build", run, "--backend", "onnxruntime"), "exported from other weights")
     stale.write_text(kept)
     assert invoke("index", "build", run).exit_code == 0  # back to the torch index for later tests
+
+
+def test_json_is_one_record_per_user_for_one_user_and_many(run, index, tmp_path):
+    """--json writes the same per-user object (one JSON line each) for --user, --users and --all."""
+    uids = [int(index.users[0]), int(index.users[1])]
+    one = invoke("retrieve", run, "--user", uids[0], "-k", 3, "--json")
+    ufile = tmp_path / "users.txt"
+    ufile.write_text("\n".join(map(str, uids)) + "\n")
+    many = invoke("retrieve", run, "--users", ufile, "-k", 3, "--json")
+    assert one.exit_code == 0 and many.exit_code == 0, one.output + many.output
+    one_records = [json.loads(line) for line in one.stdout.splitlines()]
+    many_records = [json.loads(line) for line in many.stdout.splitlines()]
+    assert len(one_records) == 1 and [r["user"] for r in many_records] == uids
+    a, b = one_records[0], many_records[0]
+    assert {k: v for k, v in a.items() if k != "items"} == {k: v for k, v in b.items() if k != "items"}
+    assert [x["item"] for x in a["items"]] == [x["item"] for x in b["items"]]
+    np.testing.assert_allclose([x["score"] for x in a["items"]], [x["score"] for x in b["items"]], atol=1e-6)
+    assert set(one_records[0]) == {"user", "run", "search", "match_field", "items"}
+    assert [set(x) for x in one_records[0]["items"]] == [{"rank", "item", "score"}] * 3

@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmrx.choices import ARCHS as MODELS
 from dmrx.data.features import FeatureSpec
 from dmrx.errors import DmrxError
 from dmrx.options import from_options
-
-MODELS = ("dmr", "lr", "widedeep", "pnn", "din", "dien")  # DMR and the baselines one trainer serves
 
 
 @dataclass

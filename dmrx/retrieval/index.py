@@ -30,6 +30,7 @@ import numpy as np
 
 from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir
+from dmrx.choices import ANN_KINDS, SEARCH_METHODS
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
 from dmrx.models import bundle as bundle_mod
@@ -41,7 +42,7 @@ VERSION = 1
 INDEX_DIR = "index"
 ARRAYS = ("items", "item_vectors", "users", "user_vectors", "seen_offsets", "seen_items")
 HNSW_FILE = "hnsw.faiss"
-METHODS = ("exact", "int8", "hnsw")
+METHODS = SEARCH_METHODS
 RECALL_KS = (10, 50, 100)
 
 
@@ -172,7 +173,7 @@ def build_index(
 
     progress(task, total, ...) returns an advance(n) callback; None for no progress reporting.
     """
-    if ann not in ("none", "hnsw"):
+    if ann not in ANN_KINDS:
         raise DmrxError(f"--ann must be none or hnsw, got {ann!r}")
     if ef_search <= 0 or hnsw_m <= 0 or ef_construction <= 0:
         raise DmrxError("--ef-search, the HNSW M and efConstruction must be positive")

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dmrx.choices import BACKENDS, PRECISIONS
 from dmrx.errors import DmrxError
 from dmrx.runtime.ort import batch_key
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ except ImportError:  # Python 3.10: JSON configs only
 
 from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir, atomic_file, write_json
+from dmrx.choices import DEVICES
 from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
@@ -74,7 +77,7 @@ class TrainConfig:
             raise DmrxError(f"train option lr must be positive, got {self.lr}")
         if not self.sparse_lr >= 0:
             raise DmrxError(f"train option sparse_lr must be >= 0, got {self.sparse_lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
+        if self.device not in DEVICES:
             raise DmrxError(f"train option device must be auto, cpu or cuda, got {self.device!r}")
 
 
@@ -226,19 +229,21 @@ def _state_copy(model) -> dict[str, torch.Tensor]:
 
 
 def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: DMRConfig,
-          train_cfg: TrainConfig, resume: bool = False, progress_bar: bool = True) -> dict:
+          train_cfg: TrainConfig, resume: bool = False, progress: Callable[..., Any] | None = None) -> dict:
     """Train a model and write its bundle to run_dir; return the summary.
 
-    Under torchrun every rank calls this with the same arguments; only rank 0 writes files.
+    progress: start(description, total, completed=..., unit=...) -> task, with task.update(completed, ...)
+    (dmrx.progress.progress yields one); None reports nothing. Under torchrun every rank calls this with the
+    same arguments; only rank 0 writes files (and reports progress).
     """
     dist = setup(pick_device(train_cfg.device))
     try:
-        return _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress_bar, dist)
+        return _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress, dist)
     finally:
         dist.close()
 
 
-def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress_bar, dist: Dist) -> dict:
+def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress, dist: Dist) -> dict:
     device = dist.device
     torch.manual_seed(train_cfg.seed)
     data = DataFile(train_path)
@@ -347,59 +352,53 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
             opt.step()
         return loss_t.item(), loss_aux.item()
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[speed]} ex/s  loss {task.fields[loss]}  aux {task.fields[aux]}"),
-                   TimeRemainingColumn(), disable=not (progress_bar and dist.main), transient=False)
+    # one bar, restarted at each epoch; under torchrun rank 0 alone reports
+    bar = (progress(f"epoch {state['epoch'] + 1}", n_batches, completed=state["batch"], unit="batches").update
+           if progress is not None and dist.main else lambda completed=None, **kwargs: None)
     model.train()
     t_last, ex_last = time.perf_counter(), state["examples"]
     sums = {"loss": 0.0, "aux": 0.0, "n": 0}
-    with bar:
-        task = bar.add_task("train", total=n_batches, completed=state["batch"], epoch=state["epoch"] + 1,
-                            speed="-", loss="-", aux="-")
-        while not state["done"] and state["epoch"] < train_cfg.epochs:
-            t0 = time.perf_counter()
-            batches = data.batches(train_cfg.batch_size, model_cfg.max_len, shuffle=True, seed=train_cfg.seed,
-                                   epoch=state["epoch"], start_batch=state["batch"], encoder=encoder, keys=keys,
-                                   behavior_fields=spec.behaviors)
-            for batch in batches:
-                loss_t, loss_aux = step(batch)
-                state["step"] += 1
-                state["batch"] += 1
-                state["examples"] += len(batch["label"])
-                sums["loss"] += loss_t
-                sums["aux"] += loss_aux
-                sums["n"] += 1
-                if state["step"] % train_cfg.log_every == 0:
-                    now = time.perf_counter()
-                    speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
-                    t_last, ex_last = now, state["examples"]
-                    rec = {"step": state["step"], "epoch": state["epoch"], "loss": sums["loss"] / sums["n"],
-                           "aux_loss": sums["aux"] / sums["n"], "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
-                           "examples_per_s": speed}
-                    write_log(rec)
-                    bar.update(task, completed=state["batch"], speed=f"{speed:,.0f}", loss=f"{rec['loss']:.4f}",
-                               aux=f"{rec['aux_loss']:.3f}")
-                    sums = {"loss": 0.0, "aux": 0.0, "n": 0}
-                if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
-                    write_log({"step": state["step"], "epoch": state["epoch"],
-                               **_validate(model, encoder, valid, device, dist)})
-                if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
-                    state["done"] = True
-                    break
-                if state["step"] % train_cfg.checkpoint_every == 0:
-                    state["train_seconds"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    checkpoint()
-            state["train_seconds"] += time.perf_counter() - t0
-            if state["batch"] >= n_batches or state["done"]:
-                stop = end_epoch_validation()
-                state["epoch"] += 1
-                state["batch"] = 0
-                state["done"] = state["done"] or stop
+    while not state["done"] and state["epoch"] < train_cfg.epochs:
+        t0 = time.perf_counter()
+        batches = data.batches(train_cfg.batch_size, model_cfg.max_len, shuffle=True, seed=train_cfg.seed,
+                               epoch=state["epoch"], start_batch=state["batch"], encoder=encoder, keys=keys,
+                               behavior_fields=spec.behaviors)
+        for batch in batches:
+            loss_t, loss_aux = step(batch)
+            state["step"] += 1
+            state["batch"] += 1
+            state["examples"] += len(batch["label"])
+            sums["loss"] += loss_t
+            sums["aux"] += loss_aux
+            sums["n"] += 1
+            if state["step"] % train_cfg.log_every == 0:
+                now = time.perf_counter()
+                speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
+                t_last, ex_last = now, state["examples"]
+                rec = {"step": state["step"], "epoch": state["epoch"], "loss": sums["loss"] / sums["n"],
+                       "aux_loss": sums["aux"] / sums["n"], "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
+                       "examples_per_s": speed}
+                write_log(rec)
+                bar(state["batch"], info=f"{speed:,.0f} ex/s  loss {rec['loss']:.4f}  aux {rec['aux_loss']:.3f}")
+                sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+            if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
+                write_log({"step": state["step"], "epoch": state["epoch"],
+                           **_validate(model, encoder, valid, device, dist)})
+            if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
+                state["done"] = True
+                break
+            if state["step"] % train_cfg.checkpoint_every == 0:
+                state["train_seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
                 checkpoint()
-                bar.update(task, completed=0, epoch=min(state["epoch"] + 1, train_cfg.epochs))
+        state["train_seconds"] += time.perf_counter() - t0
+        if state["batch"] >= n_batches or state["done"]:
+            stop = end_epoch_validation()
+            state["epoch"] += 1
+            state["batch"] = 0
+            state["done"] = state["done"] or stop
+            checkpoint()
+            bar(0, description=f"epoch {min(state['epoch'] + 1, train_cfg.epochs)}")
     data.close()
     if valid is not None:
         valid.close()
