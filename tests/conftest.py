@@ -1,4 +1,10 @@
-"""Shared test assets, created by the tests themselves: tiny synthetic data and a tiny trained run."""
+"""Shared test assets, created by the tests themselves: tiny synthetic data and a tiny trained run.
+
+Test tiers: unit tests (the rest) run in seconds; `integration` tests (marked here, automatically: any test
+that uses the tiny data, and so trains, exports or scores for real, and every CLI test) run whole
+pipelines at toy size; `slow` ones (marked in their modules) run them at a size where quality means
+something. `pytest -m "not slow"` is the default tier; `-m "not integration and not slow"` the unit tests.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,13 @@ def _one_torch_thread():
 
 
 REPO = Path(__file__).resolve().parents[1]
+CLI_MODULES = ("test_cli", "test_score_cli")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tiny_data" in item.fixturenames or item.module.__name__.split(".")[-1].startswith(CLI_MODULES):
+            item.add_marker(pytest.mark.integration)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
