@@ -94,7 +94,7 @@ def evaluate(
 ):
     """AUC, gAUC, logloss (and the oracle AUC when the file carries true probabilities)."""
     from dmrx.data.reader import DataFile
-    from dmrx.evaluation.metrics import report
+    from dmrx.evaluation.metrics import relevance_means, report
     from dmrx.evaluation.predict import predict
     from dmrx.models import bundle
 
@@ -103,14 +103,7 @@ def evaluate(
         if not f.fields.has_label:
             raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
         res = predict(b.model, b.encoder(), f, batch_size=batch_size)
-    metrics = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    if "r" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_pos"], metrics["mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
-    if "r_hat" in res:
-        pos = res["label"] > 0
-        metrics["mean_r_hat_pos"] = float(res["r_hat"][pos].mean())
-        metrics["mean_r_hat_neg"] = float(res["r_hat"][~pos].mean())
+    metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)
