@@ -65,10 +65,9 @@ def train(
     if resume:
         run_dir = out or _latest_unfinished()
         if data is None:
-            import json
+            from dmrx.models.bundle import run_data
 
-            saved = json.loads((run_dir / "config.json").read_text())["data"]
-            data, valid = Path(saved["train"]), Path(saved["valid"]) if saved["valid"] else None
+            data, valid = run_data(run_dir, "train"), run_data(run_dir, "valid")
     else:
         if data is None:
             data, default_valid = _default_data()

@@ -56,17 +56,6 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def default_test_data(b: bundle.Bundle) -> Path:
-    """test.h5 beside the file the run was trained on."""
-    train = (b.config.get("data") or {}).get("train")
-    if not train:
-        raise DmrxError(f"{b.path}: config.json names no training file; pass the test data with --data")
-    path = Path(train).parent / "test.h5"
-    if not path.exists():
-        raise DmrxError(f"{path}: no test.h5 beside the run's training file {train}; pass one with --data")
-    return path
-
-
 def evaluation_metrics(res: dict[str, np.ndarray]) -> dict:
     """The metrics `dmrx evaluate` prints, plus the relevance units' means on positives and negatives."""
     return {**metric_report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
@@ -286,7 +275,7 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
     """Write RUN/report/ (PNG figures, index.html, metrics.json); return what was written."""
     _matplotlib()  # fail before any work when matplotlib is missing
     b = bundle.load(run)
-    data_path = Path(data) if data is not None else default_test_data(b)
+    data_path = Path(data) if data is not None else bundle.run_data(b.path, "test.h5", config=b.config)
     with DataFile(data_path) as f:
         if not f.fields.has_label:
             raise DmrxError(f"{data_path}: examples/label is missing; the report needs labelled test data")

@@ -21,6 +21,7 @@ import torch
 
 from dmrx.data.reader import DataFile, HistoryReader
 from dmrx.errors import DmrxError
+from dmrx.models.bundle import run_data
 
 
 @dataclass
@@ -38,25 +39,17 @@ class Latest:
         return len(self.users)
 
 
-def default_sources(config: dict) -> list[Path]:
-    """The run's training file, its validation file, and valid.h5 / test.h5 beside the training file."""
-    data = config.get("data") or {}
-    train = data.get("train")
-    if not train:
-        raise DmrxError("the run's config.json names no training file: give the data with --data")
-    train = Path(train)
-    if not train.exists():
-        raise DmrxError(
-            f"{train}: the run's training file is not there (moved, or a relative path from "
-            "another directory): give the data with --data"
-        )
-    paths = [train]
-    if data.get("valid"):
-        paths.append(Path(data["valid"]))
-    paths += [train.parent / "valid.h5", train.parent / "test.h5"]
+def default_sources(b) -> list[Path]:
+    """The run's training file (required), its validation file, and valid.h5 / test.h5 beside the training
+    file: those that exist, each once."""
+    paths = [run_data(b.path, "train", config=b.config)]
+    for role in ("valid", "valid.h5", "test.h5"):
+        path = run_data(b.path, role, config=b.config, missing_ok=True)
+        if path is not None:
+            paths.append(path)
     out, seen = [], set()
     for p in paths:
-        if p.exists() and p.resolve() not in seen:
+        if p.resolve() not in seen:
             seen.add(p.resolve())
             out.append(p)
     return out
