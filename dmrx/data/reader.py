@@ -24,7 +24,7 @@ from dmrx.data.format import FORMAT_NAME, GROUPS, SCHEMA_VERSION
 from dmrx.errors import DmrxError
 
 Encoder = Callable[[str, np.ndarray], np.ndarray]  # (batch key, raw ids) -> encoded ids
-_MERGE_GAP = 1 << 16  # behaviour rows: gaps smaller than this are read through rather than seeked over
+_MERGE_GAP = 1 << 16  # behaviour rows: gaps of up to this many rows are read through rather than seeked over
 
 
 @dataclass(frozen=True)
@@ -319,9 +319,8 @@ def _merged_slices(lo: np.ndarray, hi: np.ndarray) -> tuple[list[tuple[int, int]
     """How to read the non-empty row ranges [lo_i, hi_i): as a few contiguous (first, stop) slices, and the
     position of each range's first row once the slices are concatenated.
 
-    Ranges that overlap, or lie fewer than _MERGE_GAP rows apart, share one slice: reading through a small
-    gap costs less than seeking over it (behaviour datasets are gzip-chunked, so a seek may decompress the
-    same chunk again).
+    Ranges that overlap, or lie at most _MERGE_GAP rows apart, share one slice: reading through a small gap
+    costs less than one more read.
     """
     order = np.argsort(lo, kind="stable")
     slo, shi = lo[order], np.maximum.accumulate(hi[order])
