@@ -39,7 +39,7 @@ import numpy as np
 
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.evaluation.metrics import auc, report
+from dmrx.evaluation.metrics import auc, relevance_means, report
 from dmrx.evaluation.predict import predict
 from dmrx.models.dmr import DMRConfig
 from dmrx.training.trainer import TrainConfig, load_config, train
@@ -110,11 +110,9 @@ def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, devic
     if "oracle_auc" in m:
         out["oracle_auc"] = m["oracle_auc"]
         out["gap_closed"] = (m["auc"] - 0.5) / (m["oracle_auc"] - 0.5)
-    pos = res["label"] > 0
+    out.update(relevance_means(res))
     for unit in ("r", "r_hat"):
         if unit in res:
-            out[f"mean_{unit}_pos"] = float(res[unit][pos].mean())
-            out[f"mean_{unit}_neg"] = float(res[unit][~pos].mean())
             out[f"{unit}_auc"] = auc(res["label"], res[unit])  # does the unit alone separate clicks?
     return out
 

@@ -72,10 +72,9 @@ def train(
     if resume:
         run_dir = out or _latest_unfinished()
         if data is None:
-            import json
+            from dmrx.models.bundle import run_data
 
-            saved = json.loads((run_dir / "config.json").read_text())["data"]
-            data, valid = Path(saved["train"]), Path(saved["valid"]) if saved["valid"] else None
+            data, valid = run_data(run_dir, "train"), run_data(run_dir, "valid")
     else:
         if data is None:
             data, default_valid = _default_data()
@@ -101,7 +100,7 @@ def evaluate(
 ):
     """AUC, gAUC, logloss (and the oracle AUC when the file carries true probabilities)."""
     from dmrx.data.reader import DataFile
-    from dmrx.evaluation.metrics import report
+    from dmrx.evaluation.metrics import relevance_means, report
     from dmrx.evaluation.predict import predict
     from dmrx.models import bundle
 
@@ -110,12 +109,7 @@ def evaluate(
         if not f.fields.has_label:
             raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
         res = predict(b.model, b.encoder(), f, batch_size=batch_size)
-    metrics = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    pos = res["label"] > 0
-    for key in ("r", "r_hat"):
-        if key in res:  # a mean over no rows is undefined: None, printed as null
-            metrics[f"mean_{key}_pos"] = float(res[key][pos].mean()) if pos.any() else None
-            metrics[f"mean_{key}_neg"] = float(res[key][~pos].mean()) if (~pos).any() else None
+    metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)

@@ -70,17 +70,12 @@ class ExportOptions:
 
 
 def _data_paths(b: run_bundle.Bundle, opts: ExportOptions) -> tuple[Path | None, Path | None]:
-    """(held-out file, calibration file) with the run's own data as defaults."""
-    data = b.config.get("data", {}) if isinstance(b.config, dict) else {}
-    train = Path(data["train"]) if data.get("train") else None
-    held = opts.eval_data
-    if held is None:
-        for cand in ([Path(data["valid"])] if data.get("valid") else []) + \
-                ([train.parent / "test.h5"] if train is not None else []):
-            if cand.exists():
-                held = cand
-                break
-    calib = opts.calib_data or train
+    """(held-out file, calibration file): the options' files, else the run's own data; each is required only
+    by the gates that read it (held-out: FP16/INT8 quality, calibration: INT8), and None where absent."""
+    held = opts.eval_data or run_bundle.run_data(b.path, "valid", "test.h5", config=b.config, option="--eval-data",
+                                                 missing_ok=not (opts.fp16 or opts.int8))
+    calib = opts.calib_data or run_bundle.run_data(b.path, "train", config=b.config, option="--calib-data",
+                                                   missing_ok=not opts.int8)
     return held, calib
 
 
@@ -116,15 +111,10 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             encoder.check_file(f)
             if not f.fields.has_label:
                 raise DmrxError(f"{opts.eval_data}: examples/label is missing; the quality gates need labels")
-    if (opts.fp16 or opts.int8) and held is None:
-        raise DmrxError("no held-out data for the FP16/INT8 quality gates: the run names no validation file "
-                        "and no test.h5 lies beside its training file; pass --eval-data FILE")
     calib_rows = 0
     if opts.int8:
         from dmrx.calibration import check_calibration_file
 
-        if calib is None:
-            raise DmrxError("no calibration data: the run names no training file; pass --calib-data FILE")
         calib_rows = check_calibration_file(calib, encoder, opts.calib_rows)
 
     model, gs = b.model.eval(), GraphSpec.of(b.model)

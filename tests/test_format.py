@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmrx.data.format import Writer, write_dataset
-from dmrx.data.reader import DataFile
+from dmrx.data.reader import DataFile, HistoryReader, _merged_slices
 from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
 
@@ -256,6 +256,83 @@ def test_all_histories_empty_and_all_full(tmp_path):
         assert b["hist/item"].tolist() == [[0, 0, 0, 0]] * 2 and b["hist_len"].tolist() == [0, 0]
         b = list(d.batches(batch_size=4, max_len=4))[0]
         assert b["hist/item"][2:].tolist() == [[7, 8, 9, 10], [0, 1, 2, 3]]
+
+
+# ---- HistoryReader: histories by (seq, end) -----------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data_seed=st.integers(0, 2**32 - 1), n_seq=st.integers(1, 12), n_req=st.integers(0, 40),
+       max_len=st.integers(1, 9), merge_gap=st.sampled_from([0, 1, 4, 1 << 16]),
+       seen=st.sampled_from([None, "item", "cate"]), fields=st.sampled_from([["item", "cate"], ["cate"]]),
+       encode=st.booleans(), big=st.booleans())
+def test_history_reader_matches_naive_reference(data_seed, n_seq, n_req, max_len, merge_gap, seen, fields,
+                                                encode, big):
+    """Windows as DataFile.batches builds them and each history's visible ids, for (seq, end) in any order
+    (repeats, empty and whole sequences included), whatever slices the merge gap reads them in."""
+    rng = np.random.default_rng(data_seed)
+    behaviors, lengths, examples = make_data(rng, n_seq, 0, big=big)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    seq = rng.integers(0, n_seq, n_req)
+    end = np.floor(rng.random(n_req) * (lengths[seq] + 1)).astype(np.int64)
+    end[: n_req // 4] = lengths[seq[: n_req // 4]]  # some whole sequences
+    ref = reference_history(behaviors, lengths, seq, end, max_len)
+    enc = (lambda key, raw: raw * 2 + 1) if encode else None  # never 0: padding stays distinguishable
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        write_dataset(tmp / "d.h5", behaviors, lengths, examples)
+        with mock.patch("dmrx.data.reader._MERGE_GAP", merge_gap), \
+                HistoryReader(tmp / "d.h5", fields, max_len, enc, seen) as reader:
+            batch, got_seen = reader.read(seq, end)
+    finally:
+        shutil.rmtree(tmp)
+    assert list(batch) == [f"hist/{f}" for f in fields] + ["hist_len"]
+    assert batch["hist_len"].tolist() == np.minimum(end, max_len).tolist()
+    real = np.arange(max_len) >= max_len - batch["hist_len"][:, None]
+    for f in fields:
+        assert batch[f"hist/{f}"].dtype == np.int64 and batch[f"hist/{f}"].shape == (n_req, max_len)
+        want = np.where(real, ref[f] * 2 + 1, 0) if encode else ref[f]
+        np.testing.assert_array_equal(batch[f"hist/{f}"], want)
+    if seen is None:
+        assert got_seen is None
+    else:
+        assert len(got_seen) == n_req
+        for s, e, ids in zip(seq.tolist(), end.tolist(), got_seen, strict=True):
+            want = behaviors[seen][offsets[s]: offsets[s] + e]
+            assert ids.dtype == np.int64
+            np.testing.assert_array_equal(ids, want * 2 + 1 if encode else want)
+
+
+@pytest.mark.parametrize("gap, slices", [(0, [(0, 3), (5, 8)]), (1, [(0, 3), (5, 8)]), (2, [(0, 8)])])
+def test_merged_slices_read_through_gaps_up_to_the_merge_gap(gap, slices):
+    """Rows 3 and 4 lie between the ranges: a gap of 2 rows is read through once _MERGE_GAP reaches 2."""
+    lo, hi = np.array([5, 0]), np.array([8, 3])
+    with mock.patch("dmrx.data.reader._MERGE_GAP", gap):
+        got, raw = _merged_slices(lo, hi)
+    assert got == slices
+    rows = np.concatenate([np.arange(a, b) for a, b in got])
+    for i in range(len(lo)):  # each range is found where raw says, whole
+        np.testing.assert_array_equal(rows[raw[i]: raw[i] + hi[i] - lo[i]], np.arange(lo[i], hi[i]))
+
+
+def test_merged_slices_overlapping_nested_and_repeated_ranges():
+    lo, hi = np.array([10, 2, 4, 2, 12, 30]), np.array([14, 9, 6, 9, 13, 31])
+    with mock.patch("dmrx.data.reader._MERGE_GAP", 0):
+        got, raw = _merged_slices(lo, hi)
+    assert got == [(2, 9), (10, 14), (30, 31)]  # [4, 6) and [12, 13) nest in their neighbours
+    assert raw.tolist() == [7, 0, 2, 0, 9, 11]
+
+
+def test_history_reader_refuses_bad_requests(small_file):
+    path = small_file[0]
+    with pytest.raises(DmrxError, match="lacks behaviors/brand"):
+        HistoryReader(path, ["item"], 4, seen_field="brand")
+    with HistoryReader(path, ["item"], 4) as reader:
+        n_seq, seq_len = reader.data.n_sequences, int(reader.data.offsets[1])
+        with pytest.raises(DmrxError, match="sequence index out of range"):
+            reader.read(np.array([n_seq]), np.array([0]))
+        with pytest.raises(DmrxError, match="outside its sequence"):
+            reader.read(np.array([0]), np.array([seq_len + 1]))
+        batch, seen = reader.read(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        assert batch["hist/item"].shape == (0, 4) and seen is None
 
 
 # ---- Vocab -------------------------------------------------------------------------------------------------

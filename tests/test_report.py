@@ -106,13 +106,12 @@ def test_bad_input_is_one_line(dmr_run, tmp_path, monkeypatch):
 
 def test_missing_test_file_names_the_option(dmr_run, tmp_path):
     from dmrx.errors import DmrxError
-    from dmrx.evaluation import report
     from dmrx.models import bundle
 
     b = bundle.load(dmr_run)
     b.config["data"]["train"] = str(tmp_path / "train.h5")  # moved away: no test.h5 beside it
-    with pytest.raises(DmrxError, match="--data"):
-        report.default_test_data(b)
+    with pytest.raises(DmrxError, match="--data"):  # the default report data
+        bundle.run_data(b.path, "test.h5", config=b.config)
 
 
 def test_a_failed_drawing_leaves_no_partial_report(dmr_run, monkeypatch):

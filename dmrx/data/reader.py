@@ -4,6 +4,9 @@ A batch is a dict of numpy arrays keyed like the file's example columns ("user",
 "profile/age", "dense/price", "label", "prob", ...) plus "hist/<field>" [B, T] histories, right-aligned
 (most recent behaviour last, padding 0 on the left), and "hist_len" [B]. Ids are raw unless an encoder is
 given, in which case it is applied once per chunk (to the behaviour rows the chunk needs, not per copy).
+
+HistoryReader assembles the same histories for given (seq, end) pairs instead of a file's example rows (a
+user's latest history in retrieval); both are built by DataFile._histories.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dmrx.data.format import FORMAT_NAME, GROUPS, SCHEMA_VERSION
 from dmrx.errors import DmrxError
 
 Encoder = Callable[[str, np.ndarray], np.ndarray]  # (batch key, raw ids) -> encoded ids
-_MERGE_GAP = 1 << 16  # behaviour rows: gaps smaller than this are read through rather than seeked over
+_MERGE_GAP = 1 << 16  # behaviour rows: gaps of up to this many rows are read through rather than seeked over
 
 
 @dataclass(frozen=True)
@@ -199,62 +202,54 @@ class DataFile:
                                     f"beyond its sequence of length {seq_len[row]}")
         return cols
 
-    def _histories(self, seq: np.ndarray, end: np.ndarray, max_len: int, fields, encoder: Encoder | None):
+    def _histories(self, seq: np.ndarray, end: np.ndarray, max_len: int, fields, encoder: Encoder | None,
+                   full: bool = False):
         """What a chunk's examples see: a zero-padded behaviour buffer and, per example, a window start.
 
         buffer[start[i] : start[i] + max_len, j] is example i's right-aligned history of fields[j], so a
         batch is one row gather and needs no masking. The buffer holds the behaviour rows the examples see
-        (read as a few contiguous slices; gaps under _MERGE_GAP are read through), opened by max_len zero
-        rows (the window of an empty history), with max_len zero rows also put before the first row of
-        every sequence that some example sees fewer than max_len rows of. Fields are interleaved (one
-        gather fetches them all from the same cache lines) and stored as int32 when the ids fit: batch
-        assembly is bound by random memory access, and this halves the bytes it touches.
+        (the last max_len of each history, or with `full` all of its visible rows; read as a few contiguous
+        slices, see _merged_slices), opened by max_len zero rows (the window of an empty history), with
+        max_len zero rows also put before the first row of every history shorter than max_len. With
+        `full`, example i's visible history is buffer[start[i] + max_len - end[i] : start[i] + max_len]:
+        padding only ever precedes a sequence's first row, so it never splits a history. Fields are
+        interleaved (one gather fetches them all from the same cache lines) and stored as int32 when the
+        ids fit: batch assembly is bound by random memory access, and this halves the bytes it touches.
         Returns (buffer [rows, len(fields)], start, length).
         """
         length = np.minimum(end, max_len)
         hi = self.offsets[seq] + end  # one past the most recent visible behaviour, in file rows
-        lo = hi - length
+        lo = self.offsets[seq] if full else hi - length
         start = np.zeros(len(seq), np.int64)  # empty histories keep the opening zeros as their window
         seen = np.flatnonzero(length > 0)
         if not len(seen):
             return np.zeros((max_len, len(fields)), np.int32), start, length
-
-        # Clusters: maximal runs of overlapping or nearby [lo, hi) ranges, each read as one slice.
-        order = seen[np.argsort(lo[seen], kind="stable")]
-        slo, shi = lo[order], np.maximum.accumulate(hi[order])
-        new = np.ones(len(order), bool)
-        new[1:] = slo[1:] > shi[:-1] + _MERGE_GAP
-        first = np.flatnonzero(new)
-        c_lo, c_hi = slo[first], np.maximum.reduceat(shi, first)
-        c_raw = np.concatenate([[0], np.cumsum(c_hi - c_lo)])  # cluster k is raw rows c_raw[k]:c_raw[k+1]
-        cluster = np.cumsum(new) - 1
-        to_raw = np.zeros(len(seq), np.int64)  # file row + to_raw[i] = raw (unpadded) row, for example i
-        to_raw[order] = c_raw[cluster] - c_lo[cluster]
+        slices, raw = _merged_slices(lo[seen], hi[seen])  # raw: where each history starts in the slices read
 
         # Padding: max_len zero rows before raw row 0 and before each short history's first row.
-        short = seen[length[seen] < max_len]
-        pad = np.zeros(int(c_raw[-1]), np.int64)
+        pad = np.zeros(int(sum(b - a for a, b in slices)), np.int64)
         pad[0] = max_len
-        pad[lo[short] + to_raw[short]] = max_len
+        pad[raw[length[seen] < max_len]] = max_len
         dest = np.cumsum(pad)
         dest += np.arange(len(dest))  # padded row of every raw row
-        last = hi[seen] - 1 + to_raw[seen]  # raw row of each example's most recent behaviour
+        last = raw + (hi - lo)[seen] - 1  # raw row of each example's most recent behaviour
         start[seen] = dest[last] + 1 - max_len
 
-        parts = {}  # (field, cluster) -> ids
+        columns = []
         for f in fields:
-            for k, (a, b) in enumerate(zip(c_lo.tolist(), c_hi.tolist(), strict=True)):
+            parts = []
+            for a, b in slices:
                 part = self._read(f"behaviors/{f}", slice(a, b)).astype(np.int64, copy=False)
                 if part.min() < 0:
                     raise self._err(f"dataset behaviors/{f} row {a + int(np.argmax(part < 0))}: "
                                     f"negative id {part.min()}")
-                parts[f, k] = encoder(f"hist/{f}", part) if encoder is not None else part
+                parts.append(encoder(f"hist/{f}", part) if encoder is not None else part)
+            columns.append(np.concatenate(parts))
         i32 = np.iinfo(np.int32)
-        fits = all(i32.min <= p.min() and p.max() <= i32.max for p in parts.values())
-        dtype = np.int32 if fits else np.int64
-        buffer = np.zeros((int(dest[-1]) + 1, len(fields)), dtype)
-        for (f, k), part in parts.items():
-            buffer[dest[c_raw[k]:c_raw[k + 1]], fields.index(f)] = part
+        fits = all(i32.min <= c.min() and c.max() <= i32.max for c in columns)
+        buffer = np.zeros((int(dest[-1]) + 1, len(fields)), np.int32 if fits else np.int64)
+        for j, column in enumerate(columns):
+            buffer[dest, j] = column
         return buffer, start, length
 
     def batches(self, batch_size: int = 256, max_len: int = 50, *, shuffle: bool = False, seed: int = 0,
@@ -311,12 +306,91 @@ class DataFile:
             for b in mine:
                 rows = slice(b * batch_size, min((b + 1) * batch_size, c1 - c0))
                 batch = {k: v[rows] for k, v in cols.items()}
-                hist = windows[start[rows]]  # [B, fields, max_len]
-                for j, f in enumerate(fields):
-                    batch[f"hist/{f}"] = hist[:, j].astype(np.int64)
+                batch.update(_gather(windows, start[rows], fields))
                 yield batch
 
     def n_batches(self, batch_size: int, chunk_rows: int = 1 << 18) -> int:
         chunk_rows = max(batch_size, (chunk_rows // batch_size) * batch_size)
         full, rest = divmod(self.n_rows, chunk_rows)
         return full * (chunk_rows // batch_size) + -(-rest // batch_size)
+
+
+def _merged_slices(lo: np.ndarray, hi: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """How to read the non-empty row ranges [lo_i, hi_i): as a few contiguous (first, stop) slices, and the
+    position of each range's first row once the slices are concatenated.
+
+    Ranges that overlap, or lie at most _MERGE_GAP rows apart, share one slice: reading through a small gap
+    costs less than one more read.
+    """
+    order = np.argsort(lo, kind="stable")
+    slo, shi = lo[order], np.maximum.accumulate(hi[order])
+    new = np.ones(len(order), bool)
+    new[1:] = slo[1:] > shi[:-1] + _MERGE_GAP
+    first = np.flatnonzero(new)
+    c_lo, c_hi = slo[first], np.maximum.reduceat(shi, first)
+    c_raw = np.concatenate([[0], np.cumsum(c_hi - c_lo)[:-1]])  # slice k starts at c_raw[k] once concatenated
+    cluster = np.cumsum(new) - 1
+    raw = np.empty(len(lo), np.int64)
+    raw[order] = c_raw[cluster] + slo - c_lo[cluster]
+    return list(zip(c_lo.tolist(), c_hi.tolist(), strict=True)), raw
+
+
+def _gather(windows: np.ndarray, start: np.ndarray, fields: list[str]) -> dict[str, np.ndarray]:
+    """"hist/<field>" [B, T] int64 from the windows of a _histories buffer, starting at rows `start`."""
+    hist = windows[start]  # [B, fields, T]
+    return {f"hist/{f}": hist[:, j].astype(np.int64) for j, f in enumerate(fields)}
+
+
+class HistoryReader:
+    """Histories by (seq, end) from one data file, for callers that hold (seq, end) pairs rather than rows:
+    the [B, T] windows a user encoder reads and, with a seen_field, each history's visible ids of that field.
+
+    The windows are exactly those DataFile.batches assembles for examples with the same (seq, end); both
+    are built by DataFile._histories.
+    """
+
+    def __init__(self, path: str | os.PathLike, fields: list[str], max_len: int, encoder: Encoder | None = None,
+                 seen_field: str | None = None):
+        self.data = DataFile(path)
+        missing = [f for f in [*fields, *[seen_field] * (seen_field is not None)]
+                   if f not in self.data.fields.behaviors]
+        if missing:
+            self.data.close()
+            raise DmrxError(f"{path}: lacks behaviors/{', behaviors/'.join(dict.fromkeys(missing))}, which the "
+                            "model was trained with")
+        self.fields, self.max_len, self.encoder, self.seen_field = list(fields), int(max_len), encoder, seen_field
+
+    def close(self) -> None:
+        self.data.close()
+
+    def __enter__(self) -> HistoryReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, seq: np.ndarray, end: np.ndarray) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
+        """The batch a user encoder reads ("hist/<field>" [B, T] right-aligned, "hist_len" [B]) and, with a
+        seen_field, each history's visible ids of that field (encoded when the reader has an encoder)."""
+        d, T = self.data, self.max_len
+        seq, end = np.asarray(seq, np.int64), np.asarray(end, np.int64)
+        if len(seq) and (seq.min() < 0 or seq.max() >= d.n_sequences):
+            raise DmrxError(f"{d.path}: sequence index out of range")
+        if len(seq) and ((end < 0).any() or (end > d.offsets[seq + 1] - d.offsets[seq]).any()):
+            raise DmrxError(f"{d.path}: a history end lies outside its sequence")
+        # The seen field is read whole (all visible rows) once; its window comes from the same buffer.
+        windowed = [f for f in self.fields if f != self.seen_field]
+        batch: dict[str, np.ndarray] = {}
+        if windowed:
+            buffer, start, _ = d._histories(seq, end, T, windowed, self.encoder)
+            batch.update(_gather(sliding_window_view(buffer, T, axis=0), start, windowed))
+        seen = None
+        if self.seen_field is not None:
+            buffer, start, _ = d._histories(seq, end, T, [self.seen_field], self.encoder, full=True)
+            if self.seen_field in self.fields:
+                batch.update(_gather(sliding_window_view(buffer, T, axis=0), start, [self.seen_field]))
+            column = buffer[:, 0].astype(np.int64)
+            seen = [column[s + T - n : s + T] for s, n in zip(start.tolist(), end.tolist(), strict=True)]
+        batch = {f"hist/{f}": batch[f"hist/{f}"] for f in self.fields}
+        batch["hist_len"] = np.minimum(end, T)
+        return batch, seen

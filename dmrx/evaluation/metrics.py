@@ -1,4 +1,4 @@
-"""AUC, gAUC and logloss over numpy arrays.
+"""AUC, gAUC and logloss over numpy arrays; the relevance units' means on clicks and non-clicks.
 
 Hand-written rather than sklearn's roc_auc_score because gAUC needs one AUC per user for hundreds of
 thousands of users: a per-group Python loop over sklearn is minutes, one grouped rank computation is
@@ -63,6 +63,20 @@ def logloss(labels, probs, eps: float = 1e-7) -> float:
     p = np.clip(np.asarray(probs, np.float64), eps, 1 - eps)
     y = np.asarray(labels, np.float64)
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()) if len(y) else float("nan")
+
+
+def relevance_means(res: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean of each relevance unit (r, User-to-Item; r_hat, Item-to-Item) that `res` holds, over the clicks
+    (res["label"] > 0) and over the non-clicks: mean_r_pos, mean_r_neg, mean_r_hat_pos, mean_r_hat_neg.
+    A class without rows has mean NaN."""
+    pos = np.asarray(res["label"]) > 0
+    out = {}
+    for unit in ("r", "r_hat"):
+        if unit in res:
+            values = np.asarray(res[unit], np.float64)
+            for name, rows in (("pos", pos), ("neg", ~pos)):
+                out[f"mean_{unit}_{name}"] = float(values[rows].mean()) if rows.any() else float("nan")
+    return out
 
 
 def report(labels, probs, users, true_probs=None) -> dict:

@@ -26,13 +26,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dmrx.artifacts.atomic import atomic_dir, jsonable, write_json
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
+from dmrx.evaluation.metrics import relevance_means
 from dmrx.evaluation.metrics import report as metric_report
-from dmrx.evaluation.predict import to_tensors
+from dmrx.evaluation.predict import predict
 from dmrx.models import bundle
 
 FIGURES = {
@@ -56,70 +56,9 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def default_test_data(b: bundle.Bundle) -> Path:
-    """test.h5 beside the file the run was trained on."""
-    train = (b.config.get("data") or {}).get("train")
-    if not train:
-        raise DmrxError(f"{b.path}: config.json names no training file; pass the test data with --data")
-    path = Path(train).parent / "test.h5"
-    if not path.exists():
-        raise DmrxError(f"{path}: no test.h5 beside the run's training file {train}; pass one with --data")
-    return path
-
-
-@torch.inference_mode()
-def collect(model, encoder, data: DataFile, batch_size: int = 4096) -> dict[str, np.ndarray]:
-    """Predictions over a labelled file (prob, label, user, r, r_hat, prob_true where available) and the
-    Item-to-Item weights summed by slot: i2i_sum [T], i2i_count [T] (real behaviours per slot) and
-    i2i_uniform [T] (the sum of 1 / history length over the same behaviours). Slot T-1 is the most recent."""
-    encoder.check_file(data)
-    if not data.fields.has_label:
-        raise DmrxError(f"{data.path}: examples/label is missing; the report needs labelled test data")
-    was_training = model.training
-    model.eval()
-    T = model.cfg.max_len
-    keys = encoder.spec.batch_keys() + ["label"] + ["prob"] * data.fields.has_prob
-    keys = ["seq", "end"] + sorted(set(keys) | {"user"})
-    cols: dict[str, list[np.ndarray]] = {}
-    i2i = np.zeros(T), np.zeros(T), np.zeros(T)
-    seen_i2i = False
-    for batch in data.batches(batch_size, T, encoder=encoder, keys=keys, behavior_fields=encoder.spec.behaviors):
-        cols.setdefault("user", []).append(np.asarray(batch["user"]).copy())
-        cols.setdefault("label", []).append(np.asarray(batch["label"]).copy())
-        if "prob" in batch:
-            cols.setdefault("prob_true", []).append(np.asarray(batch["prob"]).copy())
-        t = to_tensors(encoder.finish(batch))
-        out = model(t)
-        cols.setdefault("prob", []).append(torch.sigmoid(out["logit"].float()).numpy())
-        for k in ("r", "r_hat"):
-            if k in out:
-                cols.setdefault(k, []).append(out[k].float().numpy())
-        if "i2i_weights" in out:
-            seen_i2i = True
-            w = out["i2i_weights"].float().numpy()
-            n = np.minimum(t["hist_len"].numpy(), w.shape[1])
-            real = np.arange(w.shape[1])[None, :] >= (w.shape[1] - n)[:, None]
-            i2i[0][-w.shape[1]:] += (w * real).sum(0)
-            i2i[1][-w.shape[1]:] += real.sum(0)
-            i2i[2][-w.shape[1]:] += (real / np.maximum(n, 1)[:, None]).sum(0)
-    model.train(was_training)
-    res = {k: np.concatenate(v) for k, v in cols.items()}
-    if "label" not in res:
-        raise DmrxError(f"{data.path}: no examples; the report needs labelled test data")
-    if seen_i2i:
-        res["i2i_sum"], res["i2i_count"], res["i2i_uniform"] = i2i
-    return res
-
-
 def evaluation_metrics(res: dict[str, np.ndarray]) -> dict:
     """The metrics `dmrx evaluate` prints, plus the relevance units' means on positives and negatives."""
-    m = metric_report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    pos = res["label"] > 0
-    for k in ("r", "r_hat"):
-        if k in res:
-            m[f"mean_{k}_pos"] = float(res[k][pos].mean()) if pos.any() else float("nan")
-            m[f"mean_{k}_neg"] = float(res[k][~pos].mean()) if (~pos).any() else float("nan")
-    return m
+    return {**metric_report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,14 +112,14 @@ class _Drawer:
         fig.savefig(self.out / name, format="png")
 
 
-def _fig_relevance(d: _Drawer, res: dict) -> None:
+def _fig_relevance(d: _Drawer, res: dict, metrics: dict) -> None:
     units = [(k, t) for k, t in (("r", "r  (User-to-Item)"), ("r_hat", "r_hat  (Item-to-Item)")) if k in res]
     fig = d.figure(3.2 * len(units) + 0.8, 3.8)
     pos = res["label"] > 0
     for i, (k, title) in enumerate(units):
         ax = fig.add_subplot(1, len(units), i + 1)
         vals = [res[k][pos], res[k][~pos]]
-        means = [float(v.mean()) if len(v) else 0.0 for v in vals]
+        means = [metrics[f"mean_{k}_pos"], metrics[f"mean_{k}_neg"]]
         errs = [float(v.std() / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in vals]
         names = [f"{name}\n{m:.4g} (n={len(v):,})" for name, m, v in zip(("positive", "negative"), means, vals,
                                                                         strict=True)]
@@ -325,9 +264,13 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
     """Write RUN/report/ (PNG figures, index.html, metrics.json); return what was written."""
     _matplotlib()  # fail before any work when matplotlib is missing
     b = bundle.load(run)
-    data_path = Path(data) if data is not None else default_test_data(b)
+    data_path = Path(data) if data is not None else bundle.run_data(b.path, "test.h5", config=b.config)
     with DataFile(data_path) as f:
-        res = collect(b.model, b.encoder(), f, batch_size)
+        if not f.fields.has_label:
+            raise DmrxError(f"{data_path}: examples/label is missing; the report needs labelled test data")
+        res = predict(b.model, b.encoder(), f, batch_size, i2i_by_slot=True)
+    if not len(res["prob"]):
+        raise DmrxError(f"{data_path}: no examples; the report needs labelled test data")
     pos = res["label"] > 0
     if pos.all() or not pos.any():
         raise DmrxError(f"{data_path}: the labels are all {int(pos[0])}; ROC and calibration need both clicks "
@@ -351,7 +294,7 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
             figures.append(name)
 
         if "r" in res or "r_hat" in res:
-            draw("fig2_relevance.png", _fig_relevance, res)
+            draw("fig2_relevance.png", _fig_relevance, res, metrics)
         else:
             skipped["fig2_relevance.png"] = f"the {model} model has no relevance units r, r_hat"
         if any("loss" in r for r in log):

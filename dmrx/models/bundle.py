@@ -153,6 +153,52 @@ def resolve_run(run: str | os.PathLike | None) -> Path:
                     "directory")
 
 
+# What each role of run_data names, for its error message.
+DATA_ROLES = {"train": "training file", "valid": "validation file", "valid.h5": "valid.h5 beside its training file",
+              "test.h5": "test.h5 beside its training file"}
+
+
+def run_data(run_dir: str | os.PathLike, *roles: str, config: dict | None = None, option: str = "--data",
+             missing_ok: bool = False) -> Path | None:
+    """The first of the run's own data files, in the order of `roles`, that exists.
+
+    Roles: "train" and "valid", the training and validation files the run's config.json records (training
+    writes them as absolute paths), and "valid.h5" and "test.h5", the files of those names beside the training
+    file. A run trained without a validation file has no "valid": that role is skipped, not an error. When none
+    of the files is there (or the run records no training file), the DmrxError names each missing file and
+    `option`, the command's option for giving the data instead; with missing_ok, the answer is None.
+    `config` is the run's parsed config.json when the caller has it (a loaded Bundle's config).
+    """
+    run_dir = Path(run_dir)
+    if config is None:
+        path = run_dir / "config.json"
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DmrxError(f"{path}: missing, so the run's data is unknown; pass the data with {option}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DmrxError(f"{path}: damaged (not valid JSON); pass the data with {option}") from None
+    recorded = config.get("data") or {}
+    missing = []
+    for role in roles:
+        if role not in DATA_ROLES:
+            raise ValueError(f"unknown data role {role!r}: one of {', '.join(DATA_ROLES)}")
+        name = role if role in ("train", "valid") else "train"
+        if not recorded.get(name):
+            if name == "valid":
+                continue
+            if missing_ok:
+                return None
+            raise DmrxError(f"{run_dir}/config.json records no training file; pass the data with {option}")
+        path = Path(recorded[name]) if role == name else Path(recorded["train"]).parent / role
+        if path.is_file():
+            return path
+        missing.append(f"{path} (the run's {DATA_ROLES[role]})")
+    if missing_ok or not missing:
+        return None
+    raise DmrxError(f"{' and '.join(missing)}: no such file; pass the data with {option}")
+
+
 def mark_latest(run_dir: Path) -> None:
     """Record run_dir as the run later commands use when none is named (./runs/LATEST)."""
     inside = run_dir.resolve().parent == RUNS_DIR.resolve()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dmrx.data.reader import DataFile
+from dmrx.data.reader import DataFile, HistoryReader
 from dmrx.errors import DmrxError
 from dmrx.retrieval.search import ExactSearch, topk_excluding
-from dmrx.retrieval.users import HistoryReader, UserEncoder
+from dmrx.retrieval.users import UserEncoder
 
 KS = (10, 50, 100)
 

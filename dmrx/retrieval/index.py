@@ -184,7 +184,7 @@ def build_index(
         from dmrx.retrieval.search import faiss_module
 
         faiss_module()
-    paths = [Path(p) for p in data] if data else default_sources(b.config)
+    paths = [Path(p) for p in data] if data else default_sources(b)
     for p in paths:
         if not p.exists():
             raise DmrxError(f"{p}: no such file")

@@ -4,10 +4,10 @@ A user's most recent history is the example with the largest visible `end` among
 the given files (ties go to the later file, then the later row). Its last T = max_len behaviours are what
 the model reads; all of its visible behaviours are what `--exclude-seen` excludes.
 
-Histories are read straight from the file's behaviour datasets by (seq, end), in a few contiguous slices
-(requests sorted by position, nearby ones merged), so encoding a user costs one history read, whatever the
-number of examples the user has. The same reader serves index building and retrieval evaluation; a test
-checks that it assembles the same batches as `DataFile.batches`.
+Histories are read straight from the file's behaviour datasets by (seq, end) with the data reader's
+HistoryReader (dmrx.data.reader), so encoding a user costs one history read, whatever the number of examples
+the user has, and the histories are the ones training and evaluation batches hold. The same reader serves
+index building and retrieval evaluation.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from dmrx.data.reader import DataFile
+from dmrx.data.reader import DataFile, HistoryReader
 from dmrx.errors import DmrxError
-
-_MERGE_GAP = 1 << 15  # behaviour rows: gaps smaller than this are read through rather than seeked over
+from dmrx.models.bundle import run_data
 
 
 @dataclass
@@ -41,25 +39,17 @@ class Latest:
         return len(self.users)
 
 
-def default_sources(config: dict) -> list[Path]:
-    """The run's training file, its validation file, and valid.h5 / test.h5 beside the training file."""
-    data = config.get("data") or {}
-    train = data.get("train")
-    if not train:
-        raise DmrxError("the run's config.json names no training file: give the data with --data")
-    train = Path(train)
-    if not train.exists():
-        raise DmrxError(
-            f"{train}: the run's training file is not there (moved, or a relative path from "
-            "another directory): give the data with --data"
-        )
-    paths = [train]
-    if data.get("valid"):
-        paths.append(Path(data["valid"]))
-    paths += [train.parent / "valid.h5", train.parent / "test.h5"]
+def default_sources(b) -> list[Path]:
+    """The run's training file (required), its validation file, and valid.h5 / test.h5 beside the training
+    file: those that exist, each once."""
+    paths = [run_data(b.path, "train", config=b.config)]
+    for role in ("valid", "valid.h5", "test.h5"):
+        path = run_data(b.path, role, config=b.config, missing_ok=True)
+        if path is not None:
+            paths.append(path)
     out, seen = [], set()
     for p in paths:
-        if p.exists() and p.resolve() not in seen:
+        if p.resolve() not in seen:
             seen.add(p.resolve())
             out.append(p)
     return out
@@ -103,97 +93,6 @@ def _best_per_user(user, end, rank, file, seq):
     return user[last], end[keep], rank[keep], file[keep], seq[keep]
 
 
-class HistoryReader:
-    """Reads histories by (seq, end) from one data file: [B, T] windows and the visible match ids."""
-
-    def __init__(self, path: Path, fields: list[str], max_len: int, encoder=None, seen_field: str | None = None):
-        self.data = DataFile(path)  # validated on open; offsets
-        missing = [f for f in fields if f not in self.data.fields.behaviors]
-        if missing:
-            self.data.close()
-            raise DmrxError(f"{path}: lacks behaviors/{', behaviors/'.join(missing)}, which the model was trained with")
-        self._h5 = h5py.File(path, "r")
-        self.fields, self.max_len, self.encoder, self.seen_field = (
-            list(fields),
-            int(max_len),
-            encoder,
-            seen_field,
-        )
-
-    def close(self) -> None:
-        self._h5.close()
-        self.data.close()
-
-    def __enter__(self) -> HistoryReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _spans(self, name: str, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A buffer holding rows [lo_i, hi_i) of dataset `name`, and where each range starts in it."""
-        start = np.zeros(len(lo), np.int64)
-        nonempty = np.flatnonzero(hi > lo)
-        if not len(nonempty):
-            return np.zeros(0, np.int64), start
-        order = nonempty[np.argsort(lo[nonempty], kind="stable")]
-        slo, shi = lo[order], np.maximum.accumulate(hi[order])
-        new = np.ones(len(order), bool)
-        new[1:] = slo[1:] > shi[:-1] + _MERGE_GAP
-        first = np.flatnonzero(new)
-        c_lo, c_hi = slo[first], np.maximum.reduceat(shi, first)
-        c_buf = np.concatenate([[0], np.cumsum(c_hi - c_lo)[:-1]])
-        cluster = np.cumsum(new) - 1
-        start[order] = c_buf[cluster] + slo - c_lo[cluster]
-        ds = self._h5[name]
-        try:
-            parts = [ds[a:b] for a, b in zip(c_lo.tolist(), c_hi.tolist(), strict=False)]
-        except OSError as e:
-            raise DmrxError(
-                f"{self.data.path}: dataset {name} cannot be read, the file is damaged or "
-                f"truncated ({e.__class__.__name__})"
-            ) from None
-        buf = np.concatenate(parts).astype(np.int64, copy=False)
-        return buf, start
-
-    def read(self, seq: np.ndarray, end: np.ndarray) -> tuple[dict[str, np.ndarray], list[np.ndarray] | None]:
-        """The batch encode_user reads ("hist/<field>" [B, T] right-aligned, "hist_len" [B]) and, with a
-        seen_field, each history's visible ids of that field (encoded when the reader has an encoder)."""
-        seq, end = np.asarray(seq, np.int64), np.asarray(end, np.int64)
-        if len(seq) and (seq.min() < 0 or seq.max() >= self.data.n_sequences):
-            raise DmrxError(f"{self.data.path}: sequence index out of range")
-        off = self.data.offsets
-        if len(seq) and (end > off[seq + 1] - off[seq]).any():
-            raise DmrxError(f"{self.data.path}: a history end lies beyond its sequence")
-        T = self.max_len
-        hi = off[seq] + end
-        length = np.minimum(end, T)
-        slots = np.arange(T)
-        batch: dict[str, np.ndarray] = {}
-        seen = None
-        for f in self.fields:
-            full = f == self.seen_field
-            lo = off[seq] if full else hi - length
-            buf, start = self._spans(f"behaviors/{f}", lo, hi)
-            if self.encoder is not None and len(buf):
-                buf = self.encoder(f"hist/{f}", buf)
-            first = start + (hi - lo) - T  # buffer position of window slot 0
-            idx = first[:, None] + slots
-            real = slots >= (T - length)[:, None]
-            win = np.zeros((len(seq), T), np.int64)
-            if len(buf):
-                win[real] = buf[idx[real]]
-            batch[f"hist/{f}"] = win
-            if full:
-                seen = [buf[s : s + n] for s, n in zip(start.tolist(), (hi - lo).tolist(), strict=False)]
-        batch["hist_len"] = length
-        if self.seen_field is not None and seen is None:
-            lo = off[seq]
-            buf, start = self._spans(f"behaviors/{self.seen_field}", lo, hi)
-            if self.encoder is not None and len(buf):
-                buf = self.encoder(f"hist/{self.seen_field}", buf)
-            seen = [buf[s : s + n] for s, n in zip(start.tolist(), (hi - lo).tolist(), strict=False)]
-        return batch, seen
 
 
 class UserEncoder:

@@ -34,7 +34,7 @@ from dmrx.choices import DEVICES
 from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
-from dmrx.evaluation.metrics import auc
+from dmrx.evaluation.metrics import auc, relevance_means
 from dmrx.evaluation.predict import predict, to_tensors
 from dmrx.models import bundle
 from dmrx.models.dmr import DMR, DMRConfig
@@ -217,11 +217,7 @@ def _validate(model, encoder, valid: DataFile, device, dist: Dist) -> dict:
     share = dist.rows(valid.n_rows)
     res = predict(model, encoder, valid, device=device, row_range=(share.start, share.stop))
     res = dist.gather({k: res[k] for k in ("label", "prob", "r") if k in res})
-    out = {"val_auc": auc(res["label"], res["prob"])}
-    if "r" in res:
-        pos = res["label"] > 0
-        out["val_mean_r_pos"], out["val_mean_r_neg"] = float(res["r"][pos].mean()), float(res["r"][~pos].mean())
-    return out
+    return {"val_auc": auc(res["label"], res["prob"]), **{f"val_{k}": v for k, v in relevance_means(res).items()}}
 
 
 def _state_copy(model) -> dict[str, torch.Tensor]:
