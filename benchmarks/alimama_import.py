@@ -33,7 +33,7 @@ def _write_csv(path: Path, header: str, columns: list, chunk: int = 1 << 18) -> 
     with open(path, "w") as f:
         f.write(header + "\n")
         for s in range(0, n, chunk):
-            parts = [c[s:s + chunk].astype(str) for c in columns]
+            parts = [c[s : s + chunk].astype(str) for c in columns]
             rows = parts[0]
             for p in parts[1:]:
                 rows = np.char.add(np.char.add(rows, ","), p)
@@ -55,27 +55,40 @@ def generate(out: Path, behaviors: int, users: int, impressions: int, ads: int, 
     brand = rng.integers(1, 460_000, ads).astype(object)
     brand[rng.random(ads) < 0.3] = "NULL"
     price = np.round(np.exp(rng.normal(4, 1.5, ads)), 2)
-    _write_csv(out / "ad_feature.csv", "adgroup_id,cate_id,campaign_id,customer,brand,price",
-               [ad_ids, cate, rng.integers(1, 420_000, ads), rng.integers(1, 260_000, ads), brand, price])
+    _write_csv(
+        out / "ad_feature.csv",
+        "adgroup_id,cate_id,campaign_id,customer,brand,price",
+        [ad_ids, cate, rng.integers(1, 420_000, ads), rng.integers(1, 260_000, ads), brand, price],
+    )
     prof = [user_ids] + [rng.integers(0, k, users).astype(object) for k in (98, 13, 3, 7, 4, 4, 2, 5)]
     for j in (5, 8):  # pvalue_level and new_user_class_level are often empty in the real data
         prof[j][rng.random(users) < 0.5] = ""
     keep = rng.random(users) < 0.93  # some users have no profile
-    _write_csv(out / "user_profile.csv", "userid,cms_segid,cms_group_id,final_gender_code,age_level,"
-               "pvalue_level,shopping_level,occupation,new_user_class_level ", [p[keep] for p in prof])
+    _write_csv(
+        out / "user_profile.csv",
+        "userid,cms_segid,cms_group_id,final_gender_code,age_level,"
+        "pvalue_level,shopping_level,occupation,new_user_class_level ",
+        [p[keep] for p in prof],
+    )
     imp_user = user_ids[rng.integers(0, users, impressions)]
     imp_ts = np.sort(start + rng.integers(0, 8 * day, impressions))
     clk = (rng.random(impressions) < 0.05).astype(np.int64)
     pid = np.array(["430548_1007", "430539_1007"])[rng.integers(0, 2, impressions)]
-    _write_csv(out / "raw_sample.csv", "user,time_stamp,adgroup_id,pid,nonclk,clk",
-               [imp_user, imp_ts, ad_ids[rng.integers(0, ads, impressions)], pid, 1 - clk, clk])
+    _write_csv(
+        out / "raw_sample.csv",
+        "user,time_stamp,adgroup_id,pid,nonclk,clk",
+        [imp_user, imp_ts, ad_ids[rng.integers(0, ads, impressions)], pid, 1 - clk, clk],
+    )
     beh_user = user_ids[rng.integers(0, users, behaviors)]
     beh_ts = start - 14 * day + rng.integers(0, 22 * day, behaviors)
     btag = np.array(["pv", "cart", "fav", "buy"])[rng.choice(4, behaviors, p=[0.9, 0.04, 0.03, 0.03])]
     bbrand = rng.integers(1, 460_000, behaviors).astype(object)
     bbrand[rng.random(behaviors) < 0.1] = "NULL"
-    _write_csv(out / "behavior_log.csv", "user,time_stamp,btag,cate,brand",
-               [beh_user, beh_ts, btag, rng.integers(1, 13_000, behaviors), bbrand])
+    _write_csv(
+        out / "behavior_log.csv",
+        "user,time_stamp,btag,cate,brand",
+        [beh_user, beh_ts, btag, rng.integers(1, 13_000, behaviors), bbrand],
+    )
 
 
 def _child(args: list[str]) -> dict:
@@ -126,8 +139,16 @@ def main() -> None:
         src, out, chunk = args._import
         t, cpu = time.perf_counter(), time.process_time()
         summary = import_alimama(src, out, chunk_rows=int(chunk))
-        print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
-                          "summary": summary, **_peak_rss_mib()}))
+        print(
+            json.dumps(
+                {
+                    "seconds": time.perf_counter() - t,
+                    "cpu_seconds": time.process_time() - cpu,
+                    "summary": summary,
+                    **_peak_rss_mib(),
+                }
+            )
+        )
         return
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -149,26 +170,37 @@ def main() -> None:
         rows = s["behaviors_read"] + s["impressions"]
         bytes_in = sum((src / f).stat().st_size for f in os.listdir(src))
         result = {
-            "behaviors": s["behaviors_read"], "impressions": s["impressions"], "users": s["impression_users"],
-            "input_mib": bytes_in / 2**20, "chunk_rows": args.chunk_rows, "buckets": s["buckets"],
-            "import_s": res["seconds"], "rows_per_s": rows / res["seconds"],
+            "behaviors": s["behaviors_read"],
+            "impressions": s["impressions"],
+            "users": s["impression_users"],
+            "input_mib": bytes_in / 2**20,
+            "chunk_rows": args.chunk_rows,
+            "buckets": s["buckets"],
+            "import_s": res["seconds"],
+            "rows_per_s": rows / res["seconds"],
             # CPU time of the import: a figure that a busy machine (other processes) does not skew
-            "import_cpu_s": res["cpu_seconds"], "rows_per_cpu_s": rows / res["cpu_seconds"],
+            "import_cpu_s": res["cpu_seconds"],
+            "rows_per_cpu_s": rows / res["cpu_seconds"],
             "behaviors_per_s": s["behaviors_read"] / res["seconds"],
-            "peak_rss_mib": res["peak_rss_mib"], "vm_hwm_mib": res.get("vm_hwm_mib"),
-            "baseline_rss_mib": baseline, "parent_rss_mib": _peak_rss_mib()["peak_rss_mib"],
-            "rows_out": s["rows"], "generate_s": gen_s,
+            "peak_rss_mib": res["peak_rss_mib"],
+            "vm_hwm_mib": res.get("vm_hwm_mib"),
+            "baseline_rss_mib": baseline,
+            "parent_rss_mib": _peak_rss_mib()["peak_rss_mib"],
+            "rows_out": s["rows"],
+            "generate_s": gen_s,
             "output_mib": sum((out / f).stat().st_size for f in os.listdir(out)) / 2**20,
         }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['behaviors']:,} behaviours + {result['impressions']:,} impressions "
-              f"({result['input_mib']:.0f} MiB) in {result['import_s']:.1f} s: "
-              f"{result['rows_per_s']:,.0f} rows/s ({result['rows_per_cpu_s']:,.0f} per CPU second); "
-              f"peak RSS {result['peak_rss_mib']:.0f} MiB "
-              f"(baseline {result['baseline_rss_mib']:.0f} MiB), chunk_rows {args.chunk_rows}, "
-              f"{result['buckets']} buckets")
+        print(
+            f"{result['behaviors']:,} behaviours + {result['impressions']:,} impressions "
+            f"({result['input_mib']:.0f} MiB) in {result['import_s']:.1f} s: "
+            f"{result['rows_per_s']:,.0f} rows/s ({result['rows_per_cpu_s']:,.0f} per CPU second); "
+            f"peak RSS {result['peak_rss_mib']:.0f} MiB "
+            f"(baseline {result['baseline_rss_mib']:.0f} MiB), chunk_rows {args.chunk_rows}, "
+            f"{result['buckets']} buckets"
+        )
 
 
 if __name__ == "__main__":

@@ -64,12 +64,21 @@ def main(argv=None) -> int:
     rows = G.sample_rows(Path(data) if data else None, b.encoder(), b.model, max(args.batch))
     precisions = [p for p in ("fp32", "fp16", "int8") if (args.export_dir / _name(p)).exists()]
     sessions = {p: session(args.export_dir / _name(p), threads=args.threads) for p in precisions}
-    results: dict = {"export": str(args.export_dir), "threads": args.threads, "ort": ort.__version__,
-                     "precisions": {}, "batches": args.batch}
+    results: dict = {
+        "export": str(args.export_dir),
+        "threads": args.threads,
+        "ort": ort.__version__,
+        "precisions": {},
+        "batches": args.batch,
+    }
     for p in precisions:
         q = manifest.get("quality", {}).get(p, {})
-        results["precisions"][p] = {"bytes": (args.export_dir / _name(p)).stat().st_size, "auc": q.get("auc"),
-                                    "logloss": q.get("logloss"), "rows_per_s": {}}
+        results["precisions"][p] = {
+            "bytes": (args.export_dir / _name(p)).stat().st_size,
+            "auc": q.get("auc"),
+            "logloss": q.get("logloss"),
+            "rows_per_s": {},
+        }
     for n in args.batch:
         feeds = to_feeds({k: v[:n] for k, v in rows.items()}, gs, "ranking")
         for p in precisions:
@@ -91,10 +100,13 @@ def main(argv=None) -> int:
         for col in ("size", "AUC", "logloss"):
             table.add_column(col, justify="right")
         for p, r in results["precisions"].items():
-            table.add_row(p, *[f"{r['rows_per_s'][str(n)]:,.0f}" for n in args.batch],
-                          f"{r['bytes'] / 1024:,.1f} KiB",
-                          "-" if r["auc"] is None else f"{r['auc']:.5f}",
-                          "-" if r["logloss"] is None else f"{r['logloss']:.5f}")
+            table.add_row(
+                p,
+                *[f"{r['rows_per_s'][str(n)]:,.0f}" for n in args.batch],
+                f"{r['bytes'] / 1024:,.1f} KiB",
+                "-" if r["auc"] is None else f"{r['auc']:.5f}",
+                "-" if r["logloss"] is None else f"{r['logloss']:.5f}",
+            )
         if verdict:
             table.add_row("int8/fp32", *[f"{verdict[str(n)]:.2f}x" for n in args.batch], "", "", "")
         Console().print(table)

@@ -70,11 +70,22 @@ def main() -> None:
 
         # 1. training with mixed precision
         run = tmp / "run"
-        summary = train(tmp / "train.h5", tmp / "valid.h5", run, DMRConfig(),
-                        TrainConfig(device=args.device, max_steps=args.steps, epochs=100,
-                                    log_every=max(args.steps // 10, 1), checkpoint_every=10 ** 9))
-        losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
-                  if "loss" in json.loads(x)]
+        summary = train(
+            tmp / "train.h5",
+            tmp / "valid.h5",
+            run,
+            DMRConfig(),
+            TrainConfig(
+                device=args.device,
+                max_steps=args.steps,
+                epochs=100,
+                log_every=max(args.steps // 10, 1),
+                checkpoint_every=10**9,
+            ),
+        )
+        losses = [
+            json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)
+        ]
         check("train: loss first -> last logged", f"{losses[0]:.4f} -> {losses[-1]:.4f}", losses[-1] < losses[0])
         check("train: examples/s (bf16 autocast)", f"{summary['examples_per_s']:,.0f}", None)
 
@@ -92,17 +103,22 @@ def main() -> None:
         base_auc = None
         for precision in precisions:
             out = tmp / f"cand.{precision}.h5"
-            s = score_file(tmp / "candidates.h5", model=run, out=out, backend="torch", precision=precision,
-                           device=args.device)
+            s = score_file(
+                tmp / "candidates.h5", model=run, out=out, backend="torch", precision=precision, device=args.device
+            )
             test_out = tmp / f"test.{precision}.h5"
-            score_file(tmp / "test.h5", model=run, out=test_out, backend="torch", precision=precision,
-                       device=args.device)
+            score_file(
+                tmp / "test.h5", model=run, out=test_out, backend="torch", precision=precision, device=args.device
+            )
             auc_now = _auc_of_scores(test_out, tmp / "test.h5")
             base_auc = auc_now if base_auc is None else base_auc
             tol = {"fp32": 0.0, "fp16": 0.0005, "bf16": 0.002}[precision]
             check(f"score torch {precision}: rows/s", f"{s['rows_per_s']:,.0f}", None)
-            check(f"score torch {precision}: |AUC - fp32 AUC|", f"{abs(auc_now - base_auc):.5f}",
-                  abs(auc_now - base_auc) <= tol)
+            check(
+                f"score torch {precision}: |AUC - fp32 AUC|",
+                f"{abs(auc_now - base_auc):.5f}",
+                abs(auc_now - base_auc) <= tol,
+            )
 
         # 4. TensorRT, where installed
         try:
@@ -114,8 +130,14 @@ def main() -> None:
 
             export_run(run, ExportOptions(fp16=True, int8=True, engine="tensorrt"))
             for precision in ("fp16", "int8"):
-                s = score_file(tmp / "candidates.h5", model=run, out=tmp / f"trt.{precision}.h5",
-                               backend="tensorrt", precision=precision, device="cuda")
+                s = score_file(
+                    tmp / "candidates.h5",
+                    model=run,
+                    out=tmp / f"trt.{precision}.h5",
+                    backend="tensorrt",
+                    precision=precision,
+                    device="cuda",
+                )
                 check(f"score tensorrt {precision}: rows/s", f"{s['rows_per_s']:,.0f}", None)
 
     failed = [r for r in rows if r["ok"] is False]

@@ -70,8 +70,7 @@ def load_variants() -> dict[str, dict]:
 VARIANTS = load_variants()
 
 
-def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
-            *, synthetic: dict | None = None) -> Path:
+def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON, *, synthetic: dict | None = None) -> Path:
     """Write the dataset's train/valid/test files into work (kept when already there); return the dir.
     synthetic: SyntheticConfig fields that differ from the defaults (users included)."""
     if (work / "test.h5").exists():
@@ -94,8 +93,13 @@ def prepare(dataset: str, work: Path, data_seed: int, amazon: Path = AMAZON,
 def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, device: str = "auto") -> dict:
     cfg = DMRConfig.from_json(variant)
     t0 = time.perf_counter()
-    summary = train(data / "train.h5", data / "valid.h5", work / f"run-{seed}", cfg,
-                    TrainConfig(seed=seed, epochs=epochs, patience=1, device=device))
+    summary = train(
+        data / "train.h5",
+        data / "valid.h5",
+        work / f"run-{seed}",
+        cfg,
+        TrainConfig(seed=seed, epochs=epochs, patience=1, device=device),
+    )
     seconds = time.perf_counter() - t0
     from dmrx.models import bundle
 
@@ -103,10 +107,16 @@ def run_one(data: Path, variant: dict, seed: int, epochs: int, work: Path, devic
     with DataFile(data / "test.h5") as f:  # the test split, read once
         res = predict(b.model.to(summary["device"]), b.encoder(), f, device=summary["device"])
     m = report(res["label"], res["prob"], res["user"], res.get("prob_true"))
-    out = {"val_auc": summary["best_val_auc"], "auc": m["auc"], "gauc": m["gauc"], "logloss": m["logloss"],
-           "train_seconds": seconds,
-           "examples_per_s": summary["examples_per_s"], "epochs": summary["epochs_run"],
-           "best_epoch": summary["best_epoch"]}
+    out = {
+        "val_auc": summary["best_val_auc"],
+        "auc": m["auc"],
+        "gauc": m["gauc"],
+        "logloss": m["logloss"],
+        "train_seconds": seconds,
+        "examples_per_s": summary["examples_per_s"],
+        "epochs": summary["epochs_run"],
+        "best_epoch": summary["best_epoch"],
+    }
     if "oracle_auc" in m:
         out["oracle_auc"] = m["oracle_auc"]
         out["gap_closed"] = (m["auc"] - 0.5) / (m["oracle_auc"] - 0.5)
@@ -138,8 +148,15 @@ def popularity(data: Path) -> dict:
 
 def run_key(args, name: str, seed: int) -> dict:
     """What makes a run reusable from a --results file: same data, same variant options, seed and epochs."""
-    key = {"dataset": args.dataset, "data_seed": args.data_seed, "users": args.users, "variant": name,
-           "options": VARIANTS[name], "seed": seed, "epochs": args.epochs}
+    key = {
+        "dataset": args.dataset,
+        "data_seed": args.data_seed,
+        "users": args.users,
+        "variant": name,
+        "options": VARIANTS[name],
+        "seed": seed,
+        "epochs": args.epochs,
+    }
     if args.synthetic:  # only when given, so that files written before the option still match
         key["synthetic"] = args.synthetic
     return key
@@ -163,22 +180,31 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["synthetic", "amazon"], default="synthetic")
-    ap.add_argument("--variants", default="dmr,din_like",
-                    help=f"comma list of popularity (no training), {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", default="dmr,din_like", help=f"comma list of popularity (no training), {','.join(VARIANTS)}"
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=4, help="max epochs; early stopping on validation AUC")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--users", type=int, help="synthetic data: number of users (default 10,000; small for smoke runs)")
-    ap.add_argument("--synthetic", type=json.loads, default=None,
-                    help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 16, "ctr": 0.05}\')')
+    ap.add_argument(
+        "--synthetic",
+        type=json.loads,
+        default=None,
+        help='synthetic data: SyntheticConfig fields to change, as JSON (\'{"dim": 16, "ctr": 0.05}\')',
+    )
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--data-dir", type=Path,
-                    help="keep the prepared data here (reused when present, whatever --users or --synthetic say)")
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        help="keep the prepared data here (reused when present, whatever --users or --synthetic say)",
+    )
     ap.add_argument("--amazon-dir", type=Path, default=AMAZON, help="the S3-Rec Beauty files")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
-    ap.add_argument("--results", type=Path,
-                    help="JSONL of finished runs: reused when their key matches, new runs appended")
+    ap.add_argument(
+        "--results", type=Path, help="JSONL of finished runs: reused when their key matches, new runs appended"
+    )
     args = ap.parse_args()
     names = args.variants.split(",")
     if args.synthetic:
@@ -187,18 +213,26 @@ def main() -> None:
         # seed and users have their own flags, which the --results key already records
         unknown = set(args.synthetic) - (set(SyntheticConfig.__dataclass_fields__) - {"seed", "users"})
         if args.dataset != "synthetic" or unknown:
-            raise SystemExit(f"--synthetic: fields of SyntheticConfig other than seed and users, for --dataset "
-                             f"synthetic only (got {sorted(unknown) or args.dataset})")
+            raise SystemExit(
+                f"--synthetic: fields of SyntheticConfig other than seed and users, for --dataset "
+                f"synthetic only (got {sorted(unknown) or args.dataset})"
+            )
     for n in names:
         if n not in VARIANTS and n != "popularity":
             raise SystemExit(f"unknown variant {n}; choose from {', '.join(VARIANTS)}")
     results = {}
     done = {json.dumps(r["key"], sort_keys=True): r["metrics"] for r in load_results(args.results)}
     with tempfile.TemporaryDirectory() as tmp:
+
         @functools.cache
         def data() -> Path:  # prepared on first use: a benchmark answered from --results needs no data
-            return prepare(args.dataset, args.data_dir or Path(tmp) / "data", args.data_seed, args.amazon_dir,
-                           synthetic={**(args.synthetic or {}), **({"users": args.users} if args.users else {})})
+            return prepare(
+                args.dataset,
+                args.data_dir or Path(tmp) / "data",
+                args.data_seed,
+                args.amazon_dir,
+                synthetic={**(args.synthetic or {}), **({"users": args.users} if args.users else {})},
+            )
 
         for name in names:
             if name == "popularity":  # no training, no seeds
@@ -218,16 +252,21 @@ def main() -> None:
             results[name] = {"runs": runs, "summary": summarise(runs)}
     refs = [r for r in ("lr", "dmr") if r in results] or [names[0]]
     for name in names:  # RI as the paper's tables: mean AUC / the reference's mean AUC - 1
-        results[name]["ri"] = {ref: results[name]["summary"]["auc"]["mean"]
-                               / results[ref]["summary"]["auc"]["mean"] - 1 for ref in refs}
+        results[name]["ri"] = {
+            ref: results[name]["summary"]["auc"]["mean"] / results[ref]["summary"]["auc"]["mean"] - 1 for ref in refs
+        }
     if args.json:
         print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "results": results}, indent=2))
     rows = []
     for name in names:
         s = results[name]["summary"]
-        row = {"model": name, "AUC": f"{s['auc']['mean']:.4f} ± {s['auc']['std']:.4f}",
-               **{f"RI vs {ref}": f"{ri:+.2%}" for ref, ri in results[name]["ri"].items()},
-               "gAUC": f"{s['gauc']['mean']:.4f}", "logloss": f"{s['logloss']['mean']:.4f}"}
+        row = {
+            "model": name,
+            "AUC": f"{s['auc']['mean']:.4f} ± {s['auc']['std']:.4f}",
+            **{f"RI vs {ref}": f"{ri:+.2%}" for ref, ri in results[name]["ri"].items()},
+            "gAUC": f"{s['gauc']['mean']:.4f}",
+            "logloss": f"{s['logloss']['mean']:.4f}",
+        }
         if "gap_closed" in s:
             row["oracle gap closed"] = f"{s['gap_closed']['mean']:.1%}"
         if "mean_r_pos" in s:

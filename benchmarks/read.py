@@ -55,8 +55,13 @@ def make_file(path: Path, examples: int, users: int, mean_len: int, seed: int = 
             us = np.arange(u0, min(u0 + block, users))
             ln = lengths[us]
             items = rng.choice(item_pop, int(ln.sum()))
-            first = w.add_sequences(ln, item=items, cate=item_cate[items], brand=item_brand[items],
-                                    btag=rng.choice([1, 2, 3, 4], len(items), p=[0.85, 0.06, 0.04, 0.05]))
+            first = w.add_sequences(
+                ln,
+                item=items,
+                cate=item_cate[items],
+                brand=item_brand[items],
+                btag=rng.choice([1, 2, 3, 4], len(items), p=[0.85, 0.06, 0.04, 0.05]),
+            )
             user = np.repeat(us, per_user[us])
             end = np.floor(rng.random(len(user)) * (lengths[user] + 1)).astype(np.int64)
             order = np.lexsort((end, user))
@@ -64,8 +69,11 @@ def make_file(path: Path, examples: int, users: int, mean_len: int, seed: int = 
             target = rng.choice(item_pop, len(user))
             prob = (1 / (1 + np.exp(-rng.normal(-3.2, 1.0, len(user))))).astype(np.float32)
             w.add_examples(
-                seq=first + user - u0, end=end, user=user + 1,
-                label=(rng.random(len(user)) < prob).astype(np.int8), prob=prob,
+                seq=first + user - u0,
+                end=end,
+                user=user + 1,
+                label=(rng.random(len(user)) < prob).astype(np.int8),
+                prob=prob,
                 profile={"gender": gender[user], "age": age[user], "shopping": shopping[user]},
                 target={"item": target, "cate": item_cate[target], "brand": item_brand[target]},
                 context={"pid": rng.integers(1, 3, len(user))},
@@ -78,8 +86,11 @@ def build_encoder(data: DataFile):
     vocabs: dict[str, Vocab] = {}
     for f in data.fields.behaviors:
         vocabs[f] = Vocab.build(values=data._read(f"behaviors/{f}"))  # the whole column: fine at 1M rows
-    cols = data.read_columns(0, data.n_rows, ["user"] + [f"{g}/{f}" for g in ("profile", "target", "context")
-                                                         for f in getattr(data.fields, g)])
+    cols = data.read_columns(
+        0,
+        data.n_rows,
+        ["user"] + [f"{g}/{f}" for g in ("profile", "target", "context") for f in getattr(data.fields, g)],
+    )
     for k, v in cols.items():
         name = k.split("/", 1)[1] if k.startswith("target/") else k
         vocabs[name] = Vocab.build(values=v) if name not in vocabs else vocabs[name]
@@ -102,15 +113,23 @@ def measure(data: DataFile, encoder, repeat: int, batch_size: int, max_len: int)
         wall.append(n / (time.perf_counter() - t0))
         cpu.append(n / (time.process_time() - c0))
         assert n == data.n_rows
-    return {"examples_per_s_best": max(wall), "examples_per_s_median": float(np.median(wall)),
-            "examples_per_cpu_s_best": max(cpu), "examples_per_cpu_s_median": float(np.median(cpu)),
-            "runs": len(wall)}
+    return {
+        "examples_per_s_best": max(wall),
+        "examples_per_s_median": float(np.median(wall)),
+        "examples_per_cpu_s_best": max(cpu),
+        "examples_per_cpu_s_median": float(np.median(cpu)),
+        "runs": len(wall),
+    }
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--file", type=Path, default=Path("/tmp/dmrx-bench-read.h5"),
-                    help="the data file; written first if it does not exist")
+    ap.add_argument(
+        "--file",
+        type=Path,
+        default=Path("/tmp/dmrx-bench-read.h5"),
+        help="the data file; written first if it does not exist",
+    )
     ap.add_argument("--examples", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=50_000)
     ap.add_argument("--mean-len", type=int, default=100)
@@ -130,9 +149,16 @@ def main(argv=None) -> None:
     with DataFile(args.file) as data:
         encoder = build_encoder(data)
         results = {
-            "file": str(args.file), "file_bytes": args.file.stat().st_size, "rows": data.n_rows,
-            "sequences": data.n_sequences, "behaviors": data.n_behaviors, "batch_size": args.batch_size,
-            "max_len": args.max_len, "shuffle": True, "cpu": pinned, "write_s": wrote,
+            "file": str(args.file),
+            "file_bytes": args.file.stat().st_size,
+            "rows": data.n_rows,
+            "sequences": data.n_sequences,
+            "behaviors": data.n_behaviors,
+            "batch_size": args.batch_size,
+            "max_len": args.max_len,
+            "shuffle": True,
+            "cpu": pinned,
+            "write_s": wrote,
             "raw": measure(data, None, args.repeat, args.batch_size, args.max_len),
             "encoded": measure(data, encoder, args.repeat, args.batch_size, args.max_len),
         }
@@ -142,8 +168,10 @@ def main(argv=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dmrx reader: {results['rows']:,} examples, batch {args.batch_size}, "
-                        f"T={args.max_len}, shuffled; {pinned}")
+    table = Table(
+        title=f"dmrx reader: {results['rows']:,} examples, batch {args.batch_size}, "
+        f"T={args.max_len}, shuffled; {pinned}"
+    )
     table.add_column("encoder")
     table.add_column("examples/s wall (best)", justify="right")
     table.add_column("wall (median)", justify="right")
@@ -152,10 +180,19 @@ def main(argv=None) -> None:
     table.add_column("runs", justify="right")
     for name in ("raw", "encoded"):
         r = results[name]
-        table.add_row("none" if name == "raw" else "Vocab, every id field",
-                      *(f"{r[k]:,.0f}" for k in ("examples_per_s_best", "examples_per_s_median",
-                                                  "examples_per_cpu_s_best", "examples_per_cpu_s_median")),
-                      str(r["runs"]))
+        table.add_row(
+            "none" if name == "raw" else "Vocab, every id field",
+            *(
+                f"{r[k]:,.0f}"
+                for k in (
+                    "examples_per_s_best",
+                    "examples_per_s_median",
+                    "examples_per_cpu_s_best",
+                    "examples_per_cpu_s_median",
+                )
+            ),
+            str(r["runs"]),
+        )
     Console().print(table)
     if wrote is not None:
         Console().print(f"wrote {args.file} in {wrote:.1f} s")

@@ -56,18 +56,25 @@ def make_file(path: Path, rows: int, per_user: int, mean_len: int, seed: int = 0
             us = np.arange(u0, min(u0 + block, users))
             ln = lengths[us]
             items = rng.choice(pool, int(ln.sum()))
-            first = w.add_sequences(ln, item=items, cate=item_cate[items], brand=item_brand[items],
-                                    btag=rng.choice([1, 2, 3, 4], len(items), p=[0.85, 0.06, 0.04, 0.05]))
+            first = w.add_sequences(
+                ln,
+                item=items,
+                cate=item_cate[items],
+                brand=item_brand[items],
+                btag=rng.choice([1, 2, 3, 4], len(items), p=[0.85, 0.06, 0.04, 0.05]),
+            )
             user = np.repeat(us, counts[us])
             target = rng.choice(pool, len(user))
             w.add_examples(
-                seq=first + user - u0, end=lengths[user], user=user + 1,
+                seq=first + user - u0,
+                end=lengths[user],
+                user=user + 1,
                 label=(rng.random(len(user)) < 0.05).astype(np.int8),  # for export's quality gates only
-                profile={"gender": rng.integers(1, 3, users)[user], "age": (user % 7) + 1,
-                         "shopping": (user % 3) + 1},
+                profile={"gender": rng.integers(1, 3, users)[user], "age": (user % 7) + 1, "shopping": (user % 3) + 1},
                 target={"item": target, "cate": item_cate[target], "brand": item_brand[target]},
                 context={"pid": rng.integers(1, 3, len(user))},
-                dense={"price": rng.normal(3.0, 0.8, len(user)).astype(np.float32)})
+                dense={"price": rng.normal(3.0, 0.8, len(user)).astype(np.float32)},
+            )
 
 
 def make_run(run_dir: Path, data_path: Path, users: int) -> Path:
@@ -85,14 +92,24 @@ def make_run(run_dir: Path, data_path: Path, users: int) -> Path:
     with DataFile(data_path) as data:
         spec = declare(data.fields, "item", True)
     spec.dense_mean, spec.dense_std = {"price": 3.0}, {"price": 0.8}
-    rng = {"item": N_ITEMS, "cate": N_CATES, "brand": N_BRANDS, "btag": 4, "profile_gender": 2,
-           "profile_age": 7, "profile_shopping": 3, "context_pid": 2, "user": users}
+    rng = {
+        "item": N_ITEMS,
+        "cate": N_CATES,
+        "brand": N_BRANDS,
+        "btag": 4,
+        "profile_gender": 2,
+        "profile_age": 7,
+        "profile_shopping": 3,
+        "context_pid": 2,
+        "user": users,
+    }
     vocabs = {t: Vocab(np.arange(1, rng[t] + 1)) for t in spec.tables}
     cfg = DMRConfig()
     model = bundle.build_model(cfg, spec, vocabs).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {"data": {"train": str(data_path), "valid": None},
-                                                "model": cfg.to_json(), "train": {}})
+    write_json(
+        run_dir / "config.json", {"data": {"train": str(data_path), "valid": None}, "model": cfg.to_json(), "train": {}}
+    )
     write_json(run_dir / "schema.json", spec.to_json())
     sampler = np.ones(len(vocabs["item"]))
     sampler[0] = 0
@@ -116,7 +133,7 @@ def peak_gflops(threads: int, n: int = 4096, repeat: int = 3) -> float:
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
@@ -132,10 +149,13 @@ def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
     with DataFile(data_path) as data:
         keys = sorted(set(b.spec.batch_keys()) | {"user"})
         n = min(sample, data.n_rows)
-        batch = next(data.batches(n, b.model.cfg.max_len, encoder=enc, keys=keys,
-                                  behavior_fields=list(b.spec.behaviors), row_range=(0, n)))
+        batch = next(
+            data.batches(
+                n, b.model.cfg.max_len, encoder=enc, keys=keys, behavior_fields=list(b.spec.behaviors), row_range=(0, n)
+            )
+        )
         batch = enc.finish(batch)
-    rows = [{k: v[i:i + 1] for k, v in batch.items() if k != "user"} for i in range(n)]
+    rows = [{k: v[i : i + 1] for k, v in batch.items() if k != "user"} for i in range(n)]
     model = b.model.eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,8 +185,7 @@ def configs(manifest: dict | None) -> list[tuple[str, str]]:
     return out
 
 
-def time_config(b, data_path: Path, backend: str, precision: str, threads: int, batch_size: int,
-                out_dir: Path) -> dict:
+def time_config(b, data_path: Path, backend: str, precision: str, threads: int, batch_size: int, out_dir: Path) -> dict:
     from dmrx.scoring import Scorer, score_file
 
     device = "cuda" if backend.endswith("-cuda") else ("cpu" if backend in ("torch", "onnxruntime") else None)
@@ -178,10 +197,21 @@ def time_config(b, data_path: Path, backend: str, precision: str, threads: int, 
     s = score_file(data_path, out=out, batch_size=batch_size, scorer=scorer)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     desc = scorer.describe()
-    return {"backend": backend, "precision": precision, "rows": s["rows"], "load_s": load, "wall_s": wall,
-            "cpu_s": cpu, "rows_per_s": s["rows"] / wall, "rows_per_cpu_s": s["rows"] / cpu,
-            "user_encodings": s["user_encodings"], "path": desc.get("path"),
-            "providers": desc.get("providers"), "device": desc.get("device"), "output": str(out)}
+    return {
+        "backend": backend,
+        "precision": precision,
+        "rows": s["rows"],
+        "load_s": load,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "rows_per_s": s["rows"] / wall,
+        "rows_per_cpu_s": s["rows"] / cpu,
+        "user_encodings": s["user_encodings"],
+        "path": desc.get("path"),
+        "providers": desc.get("providers"),
+        "device": desc.get("device"),
+        "output": str(out),
+    }
 
 
 def main(argv=None) -> None:
@@ -190,16 +220,23 @@ def main(argv=None) -> None:
     ap.add_argument("--per-user", type=int, default=20, help="candidates per user")
     ap.add_argument("--mean-len", type=int, default=60, help="mean behaviours per user")
     ap.add_argument("--file", type=Path, default=None, help="candidate file (default /tmp/dmrx-bench-score-ROWS.h5)")
-    ap.add_argument("--run", type=Path, default=None,
-                    help="a run to score with; a fresh default-size model is written there when it does not exist "
-                         "(default: one in the temp directory)")
+    ap.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a run to score with; a fresh default-size model is written there when it does not exist "
+        "(default: one in the temp directory)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--naive-rows", type=int, default=300, help="rows timed for the naive path")
     ap.add_argument("--only", default=None, help="comma-separated backend:precision pairs to time")
-    ap.add_argument("--export", action="store_true",
-                    help="export the run (FP32, FP16, INT8; gates off) when it has no export, so onnxruntime "
-                         "(and TensorRT, with --engine) configurations are timed too")
+    ap.add_argument(
+        "--export",
+        action="store_true",
+        help="export the run (FP32, FP16, INT8; gates off) when it has no export, so onnxruntime "
+        "(and TensorRT, with --engine) configurations are timed too",
+    )
     ap.add_argument("--engine", action="store_true", help="with --export: also build TensorRT engines")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--save", type=Path, default=None, help="also write the JSON here, after every configuration")
@@ -227,8 +264,18 @@ def main(argv=None) -> None:
         from dmrx.export.pipeline import ExportOptions, export_run
 
         t0 = time.perf_counter()
-        export_run(run, ExportOptions(fp16=True, int8=True, calib_data=path, eval_data=path, eval_rows=20_000,
-                                      gate=False, engine="tensorrt" if args.engine else None))
+        export_run(
+            run,
+            ExportOptions(
+                fp16=True,
+                int8=True,
+                calib_data=path,
+                eval_data=path,
+                eval_rows=20_000,
+                gate=False,
+                engine="tensorrt" if args.engine else None,
+            ),
+        )
         export_s = time.perf_counter() - t0
     b, export_dir, export_manifest = load_model(run)
     flops = flops_per_candidate(b.model)
@@ -237,12 +284,22 @@ def main(argv=None) -> None:
     wanted = None if args.only is None else {tuple(x.split(":")) for x in args.only.split(",")}
     results = []
     summary = {
-        "file": str(path), "rows": args.rows, "per_user": args.per_user, "write_s": wrote,
-        "export_s": export_s, "export": str(export_dir) if export_dir else None,
+        "file": str(path),
+        "rows": args.rows,
+        "per_user": args.per_user,
+        "write_s": wrote,
+        "export_s": export_s,
+        "export": str(export_dir) if export_dir else None,
         "model": "freshly initialised DMRConfig() (default size)" if fresh else f"trained run {run}",
-        "model_config": b.model.cfg.to_json(), "threads": args.threads, "batch_size": args.batch_size,
-        "cpu": _cpu_name(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "flops_per_candidate": flops, "peak_gflops_fp32_matmul": peak, "naive": naive, "configs": results,
+        "model_config": b.model.cfg.to_json(),
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "cpu": _cpu_name(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "flops_per_candidate": flops,
+        "peak_gflops_fp32_matmul": peak,
+        "naive": naive,
+        "configs": results,
     }
     with tempfile.TemporaryDirectory(prefix="dmrx-bench-score-") as tmp:
         for backend, precision in configs(export_manifest):
@@ -259,11 +316,15 @@ def main(argv=None) -> None:
     best = max(ok, key=lambda r: r["rows_per_s"]) if ok else None
     if best:
         achieved = best["rows_per_s"] * flops["grouped"] / 1e9
-        summary["best"] = {"config": f"{best['backend']} {best['precision']}", "rows_per_s": best["rows_per_s"],
-                           "speedup_vs_naive": best["rows_per_s"] / naive["rows_per_s"],
-                           "gflops_achieved": achieved, "fraction_of_peak": achieved / peak,
-                           "goal_100k_rows_per_s": best["rows_per_s"] >= 100_000,
-                           "goal_10x_naive": best["rows_per_s"] >= 10 * naive["rows_per_s"]}
+        summary["best"] = {
+            "config": f"{best['backend']} {best['precision']}",
+            "rows_per_s": best["rows_per_s"],
+            "speedup_vs_naive": best["rows_per_s"] / naive["rows_per_s"],
+            "gflops_achieved": achieved,
+            "fraction_of_peak": achieved / peak,
+            "goal_100k_rows_per_s": best["rows_per_s"] >= 100_000,
+            "goal_10x_naive": best["rows_per_s"] >= 10 * naive["rows_per_s"],
+        }
     if args.save:
         args.save.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if args.json:
@@ -290,15 +351,22 @@ def _print(s: dict) -> None:
 
     con = Console(width=max(Console().width, 140))
     f = s["flops_per_candidate"]
-    t = Table(title=f"dmrx score: {s['rows']:,} candidates, ~{s['per_user']} per user, {s['threads']} threads, "
-                    f"batch {s['batch_size']}; {s['model']}")
+    t = Table(
+        title=f"dmrx score: {s['rows']:,} candidates, ~{s['per_user']} per user, {s['threads']} threads, "
+        f"batch {s['batch_size']}; {s['model']}"
+    )
     for col in ("configuration", "path", "rows/s (wall)", "rows/CPU-s", "vs naive", "GFLOP/s", "% of peak"):
         t.add_column(col, justify="left" if col in ("configuration", "path") else "right")
     naive = s["naive"]
-    t.add_row("naive torch eager", f"full model, 1 row/call ({naive['rows_timed']} rows timed)",
-              f"{naive['rows_per_s']:,.0f}", f"{naive['rows_per_cpu_s']:,.0f}", "1.0x",
-              f"{naive['rows_per_s'] * f['full'] / 1e9:.1f}",
-              f"{100 * naive['rows_per_s'] * f['full'] / 1e9 / s['peak_gflops_fp32_matmul']:.1f}")
+    t.add_row(
+        "naive torch eager",
+        f"full model, 1 row/call ({naive['rows_timed']} rows timed)",
+        f"{naive['rows_per_s']:,.0f}",
+        f"{naive['rows_per_cpu_s']:,.0f}",
+        "1.0x",
+        f"{naive['rows_per_s'] * f['full'] / 1e9:.1f}",
+        f"{100 * naive['rows_per_s'] * f['full'] / 1e9 / s['peak_gflops_fp32_matmul']:.1f}",
+    )
     for r in s["configs"]:
         name = f"{r['backend']} {r['precision']}"
         if "error" in r:
@@ -310,20 +378,30 @@ def _print(s: dict) -> None:
         elif r.get("device"):
             path = f"{path} {r['device']}"
         g = r["rows_per_s"] * f["grouped"] / 1e9
-        t.add_row(name, path[:60], f"{r['rows_per_s']:,.0f}", f"{r['rows_per_cpu_s']:,.0f}",
-                  f"{r['rows_per_s'] / naive['rows_per_s']:.1f}x", f"{g:.1f}",
-                  f"{100 * g / s['peak_gflops_fp32_matmul']:.1f}")
+        t.add_row(
+            name,
+            path[:60],
+            f"{r['rows_per_s']:,.0f}",
+            f"{r['rows_per_cpu_s']:,.0f}",
+            f"{r['rows_per_s'] / naive['rows_per_s']:.1f}x",
+            f"{g:.1f}",
+            f"{100 * g / s['peak_gflops_fp32_matmul']:.1f}",
+        )
     con.print(t)
-    con.print(f"FLOPs per candidate: grouped candidate side {f['grouped'] / 1e6:.3f} M (+ {f['tanh_per_candidate']:,} "
-              f"tanh), full per-row model {f['full'] / 1e6:.3f} M, user side {f['user_side'] / 1e6:.3f} M per "
-              f"distinct history. Peak: {s['peak_gflops_fp32_matmul']:.1f} GFLOP/s (fp32 4096^3 matmul, "
-              f"{s['threads']} threads). CPU: {s['cpu']}, 1-min load {s['load_avg_1m']}.")
+    con.print(
+        f"FLOPs per candidate: grouped candidate side {f['grouped'] / 1e6:.3f} M (+ {f['tanh_per_candidate']:,} "
+        f"tanh), full per-row model {f['full'] / 1e6:.3f} M, user side {f['user_side'] / 1e6:.3f} M per "
+        f"distinct history. Peak: {s['peak_gflops_fp32_matmul']:.1f} GFLOP/s (fp32 4096^3 matmul, "
+        f"{s['threads']} threads). CPU: {s['cpu']}, 1-min load {s['load_avg_1m']}."
+    )
     if "best" in s:
         b = s["best"]
-        con.print(f"best: {b['config']} {b['rows_per_s']:,.0f} rows/s = {b['speedup_vs_naive']:.1f}x naive, "
-                  f"{b['gflops_achieved']:.1f} GFLOP/s = {100 * b['fraction_of_peak']:.1f}% of peak; goals "
-                  f">= 100k rows/s: {'met' if b['goal_100k_rows_per_s'] else 'NOT met'}, >= 10x naive: "
-                  f"{'met' if b['goal_10x_naive'] else 'NOT met'}")
+        con.print(
+            f"best: {b['config']} {b['rows_per_s']:,.0f} rows/s = {b['speedup_vs_naive']:.1f}x naive, "
+            f"{b['gflops_achieved']:.1f} GFLOP/s = {100 * b['fraction_of_peak']:.1f}% of peak; goals "
+            f">= 100k rows/s: {'met' if b['goal_100k_rows_per_s'] else 'NOT met'}, >= 10x naive: "
+            f"{'met' if b['goal_10x_naive'] else 'NOT met'}"
+        )
     if s.get("write_s"):
         con.print(f"wrote {s['file']} in {s['write_s']:.1f} s")
 

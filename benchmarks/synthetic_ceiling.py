@@ -56,11 +56,14 @@ def main() -> None:
     imp = world.impressions(cfg.impressions_per_user, at_end=False)
     label = np.random.default_rng([cfg.seed, 1]).random(len(imp["prob"])) < imp["prob"]
     oracle = auc(label, imp["prob"])
-    rows = {"oracle (true probability)": oracle,
-            "category + brand known exactly": auc(label, _history_score(
-                world, imp, _group_mean(world, world.item_cate * cfg.brands + world.item_brand))),
-            "category known exactly": auc(label, _history_score(world, imp, _group_mean(world, world.item_cate))),
-            "popularity term only": auc(label, world.item_pop[imp["target"]])}
+    rows = {
+        "oracle (true probability)": oracle,
+        "category + brand known exactly": auc(
+            label, _history_score(world, imp, _group_mean(world, world.item_cate * cfg.brands + world.item_brand))
+        ),
+        "category known exactly": auc(label, _history_score(world, imp, _group_mean(world, world.item_cate))),
+        "popularity term only": auc(label, world.item_pop[imp["target"]]),
+    }
     out = {k: {"auc": v, "gap_closed": (v - 0.5) / (oracle - 0.5)} for k, v in rows.items()}
     if args.json:
         print(json.dumps({"item_noise": cfg.item_noise, "impressions": int(len(label)), "results": out}, indent=2))

@@ -23,18 +23,45 @@ from dmrx.training.trainer import NegativeSampler, _optimizers
 
 T = 50
 # Alimama-like tables: behaviours carry cate/brand/btag, the target adds item, campaign, customer
-ALIMAMA = {"item": 846_812, "cate": 12_978, "brand": 461_529, "btag": 5, "campaign": 423_437,
-           "customer": 255_876, "user": 1_141_730, "profile_age": 8, "profile_gender": 3, "context_pid": 3}
+ALIMAMA = {
+    "item": 846_812,
+    "cate": 12_978,
+    "brand": 461_529,
+    "btag": 5,
+    "campaign": 423_437,
+    "customer": 255_876,
+    "user": 1_141_730,
+    "profile_age": 8,
+    "profile_gender": 3,
+    "context_pid": 3,
+}
 
 
 def _spec() -> FeatureSpec:
-    tables = {"item": ["target/item"], "cate": ["hist/cate", "target/cate"], "brand": ["hist/brand", "target/brand"],
-              "btag": ["hist/btag"], "campaign": ["target/campaign"], "customer": ["target/customer"],
-              "user": ["user_index"], "profile_age": ["profile/age"], "profile_gender": ["profile/gender"],
-              "context_pid": ["context/pid"]}
-    return FeatureSpec(behaviors=["cate", "brand", "btag"], target=["item", "cate", "brand", "campaign", "customer"],
-                       profile=["age", "gender"], context=["pid"], dense=["price"], match_field="cate",
-                       use_user_id=True, tables=tables, dense_mean={"price": 0.0}, dense_std={"price": 1.0})
+    tables = {
+        "item": ["target/item"],
+        "cate": ["hist/cate", "target/cate"],
+        "brand": ["hist/brand", "target/brand"],
+        "btag": ["hist/btag"],
+        "campaign": ["target/campaign"],
+        "customer": ["target/customer"],
+        "user": ["user_index"],
+        "profile_age": ["profile/age"],
+        "profile_gender": ["profile/gender"],
+        "context_pid": ["context/pid"],
+    }
+    return FeatureSpec(
+        behaviors=["cate", "brand", "btag"],
+        target=["item", "cate", "brand", "campaign", "customer"],
+        profile=["age", "gender"],
+        context=["pid"],
+        dense=["price"],
+        match_field="cate",
+        use_user_id=True,
+        tables=tables,
+        dense_mean={"price": 0.0},
+        dense_std={"price": 1.0},
+    )
 
 
 def _sizes(scale: float) -> dict[str, int]:
@@ -105,9 +132,14 @@ def main() -> None:
             res[f"{kind}_examples_per_s"] = args.batch_size / res[f"{kind}_ms"] * 1000
         rows.append(res)
     ratio = {k: rows[1][f"{k}_ms"] / rows[0][f"{k}_ms"] for k in ("sparse", "dense")}
-    result = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "rows": rows,
-              "growth_sparse": ratio["sparse"], "growth_dense": ratio["dense"],
-              "sparse_speedup_at_alimama_size": rows[1]["dense_ms"] / rows[1]["sparse_ms"]}
+    result = {
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "rows": rows,
+        "growth_sparse": ratio["sparse"],
+        "growth_dense": ratio["dense"],
+        "sparse_speedup_at_alimama_size": rows[1]["dense_ms"] / rows[1]["sparse_ms"],
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -118,11 +150,18 @@ def main() -> None:
     for col in ("vocabulary", "table rows", "sparse+LazyAdam ms", "ex/s", "dense Adam ms", "ex/s"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["vocab"], f"{r['table_rows']:,}", f"{r['sparse_ms']:.1f}", f"{r['sparse_examples_per_s']:,.0f}",
-                      f"{r['dense_ms']:.1f}", f"{r['dense_examples_per_s']:,.0f}")
+        table.add_row(
+            r["vocab"],
+            f"{r['table_rows']:,}",
+            f"{r['sparse_ms']:.1f}",
+            f"{r['sparse_examples_per_s']:,.0f}",
+            f"{r['dense_ms']:.1f}",
+            f"{r['dense_examples_per_s']:,.0f}",
+        )
     Console().print(table)
-    Console().print(f"step time growth 10k -> 3.1M rows: sparse {ratio['sparse']:.2f}x (goal <= 1.5x), "
-                    f"dense {ratio['dense']:.2f}x")
+    Console().print(
+        f"step time growth 10k -> 3.1M rows: sparse {ratio['sparse']:.2f}x (goal <= 1.5x), dense {ratio['dense']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,22 @@ from pathlib import Path
 CACHE_VERSION = 1
 
 
-def cache_key(weights_hash: str, graph_hash: str, method: str, data_path: str | os.PathLike, rows: int,
-              graph: str) -> str:
+def cache_key(
+    weights_hash: str, graph_hash: str, method: str, data_path: str | os.PathLike, rows: int, graph: str
+) -> str:
     p = Path(data_path).resolve()
     st = p.stat()
-    ident = {"v": CACHE_VERSION, "weights": weights_hash, "graph_sha256": graph_hash, "graph": graph,
-             "method": method, "data": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": rows}
+    ident = {
+        "v": CACHE_VERSION,
+        "weights": weights_hash,
+        "graph_sha256": graph_hash,
+        "graph": graph,
+        "method": method,
+        "data": str(p),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "rows": rows,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 

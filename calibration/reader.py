@@ -23,8 +23,7 @@ from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
 MIN_ROWS = 64  # fewer rows than this calibrate nothing worth trusting
 
 
-def check_calibration_file(path: str | os.PathLike, encoder: Encoder, rows: int, min_rows: int = MIN_ROWS
-                           ) -> int:
+def check_calibration_file(path: str | os.PathLike, encoder: Encoder, rows: int, min_rows: int = MIN_ROWS) -> int:
     """Validate a calibration file against the model's schema; return the rows that will be read."""
     if rows < min_rows:
         raise DmrxError(f"--calib-rows {rows} is too few: calibration needs at least {min_rows} rows")
@@ -38,8 +37,17 @@ def check_calibration_file(path: str | os.PathLike, encoder: Encoder, rows: int,
 class DataFileReader(CalibrationDataReader):
     """Feeds for `graph` from the first `rows` rows of a seeded shuffle of `path`."""
 
-    def __init__(self, path: str | os.PathLike, encoder: Encoder, gs: GraphSpec, graph: str = "ranking",
-                 rows: int = 2048, batch_size: int = 256, seed: int = 0, user_session=None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        encoder: Encoder,
+        gs: GraphSpec,
+        graph: str = "ranking",
+        rows: int = 2048,
+        batch_size: int = 256,
+        seed: int = 0,
+        user_session=None,
+    ):
         if graph == "candidate_scorer" and user_session is None:
             raise ValueError("the candidate_scorer graph is calibrated through a user_encoder session")
         self.path, self.encoder, self.gs, self.graph = Path(path), encoder, gs, graph
@@ -53,9 +61,15 @@ class DataFileReader(CalibrationDataReader):
         keys = ["seq", "end", "user"] + [k for k in self.encoder.spec.batch_keys() if k != "user"]
         with DataFile(self.path) as data:
             self.encoder.check_file(data)
-            for batch in data.batches(self.batch_size, self.gs.max_len, shuffle=True, seed=self.seed,
-                                      encoder=self.encoder, keys=keys,
-                                      behavior_fields=self.encoder.spec.behaviors):
+            for batch in data.batches(
+                self.batch_size,
+                self.gs.max_len,
+                shuffle=True,
+                seed=self.seed,
+                encoder=self.encoder,
+                keys=keys,
+                behavior_fields=self.encoder.spec.behaviors,
+            ):
                 if self.rows_read + self.batch_size > self.rows:
                     return
                 if len(batch["user"]) < self.batch_size:  # a chunk's last batch: skip it, keep shapes equal

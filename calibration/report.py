@@ -42,11 +42,25 @@ def _fmt(v, kind: str) -> str:
 
 def report_table(report: dict, title: str = "precision report") -> Table:
     table = Table(title=title)
-    cols = [("precision", None), ("AUC", "auc"), ("ΔAUC", "auc_diff"), ("logloss", "logloss"),
-            ("Δlogloss", "logloss_rel_diff"), ("size", "bytes"), ("size/fp32", "size_ratio"),
-            ("rows/s (CPU)", "rows_per_s"), ("speed/fp32", "speedup")]
-    kinds = {"auc_diff": "signed", "logloss_rel_diff": "pct", "bytes": "bytes", "size_ratio": "ratio",
-             "rows_per_s": "rate", "speedup": "ratio"}
+    cols = [
+        ("precision", None),
+        ("AUC", "auc"),
+        ("ΔAUC", "auc_diff"),
+        ("logloss", "logloss"),
+        ("Δlogloss", "logloss_rel_diff"),
+        ("size", "bytes"),
+        ("size/fp32", "size_ratio"),
+        ("rows/s (CPU)", "rows_per_s"),
+        ("speed/fp32", "speedup"),
+    ]
+    kinds = {
+        "auc_diff": "signed",
+        "logloss_rel_diff": "pct",
+        "bytes": "bytes",
+        "size_ratio": "ratio",
+        "rows_per_s": "rate",
+        "speedup": "ratio",
+    }
     for name, _ in cols:
         table.add_column(name, justify="left" if name == "precision" else "right")
     for prec, r in report.items():

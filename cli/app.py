@@ -24,8 +24,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the dmrx version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the dmrx version and exit.")
+    ] = False,
 ) -> None:
     """Options before any command (the help text is the app's)."""
 

@@ -57,8 +57,9 @@ def jsonable(obj: Any) -> Any:
     """obj with numpy values as Python ones and NaN/Infinity as None, recursively: JSON has no NaN, and a
     strict parser rejects the bare NaN that json.dumps writes by default."""
     if isinstance(obj, dict):
-        return {k if isinstance(k, str | int | float | bool) or k is None else str(k): jsonable(v)
-                for k, v in obj.items()}
+        return {
+            k if isinstance(k, str | int | float | bool) or k is None else str(k): jsonable(v) for k, v in obj.items()
+        }
     if isinstance(obj, list | tuple):
         return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):

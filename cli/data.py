@@ -68,8 +68,9 @@ def info(
         "distinct users": f"{d['users']:,}",
         "label rate": "no labels" if d["label_rate"] is None else f"{d['label_rate']:.4f}",
         "mean prob": "absent" if d["mean_prob"] is None else f"{d['mean_prob']:.4f}",
-        "history length": "no examples" if h is None else
-        f"min {h['min']}  mean {h['mean']:.1f}  p50 {h['p50']}  p90 {h['p90']}  max {h['max']}",
+        "history length": "no examples"
+        if h is None
+        else f"min {h['min']}  mean {h['mean']:.1f}  p50 {h['p50']}  p90 {h['p90']}  max {h['max']}",
         "empty histories": "-" if h is None else f"{h['empty_share']:.2%}",
         "file size": _size(d["file_bytes"]),
     }
@@ -93,15 +94,24 @@ def _size(n: int) -> str:
 @app.command()
 @user_errors
 def amazon(
-    src: Annotated[Path, typer.Argument(
-        metavar="DIR", help="Directory with NAME.txt and NAME_item2attributes.json (the S3-Rec layout).")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="Directory with NAME.txt and NAME_item2attributes.json (the S3-Rec layout)."
+        ),
+    ],
     name: Annotated[str, typer.Argument(help="Dataset name: the files' prefix, e.g. Beauty.")],
-    out: Annotated[Path, typer.Option(help="Directory to write train.h5, valid.h5 and test.h5 into.")]
-    = Path("."),
-    seed: Annotated[int, typer.Option(
-        min=0, help="Seed of the negative sampling; the output is deterministic for a seed.")] = 0,
-    max_len: Annotated[int, typer.Option(min=0, help="Longest history any reader will use: older behaviours "
-                                         "are not stored (0 stores whole prefixes).")] = 50,
+    out: Annotated[Path, typer.Option(help="Directory to write train.h5, valid.h5 and test.h5 into.")] = Path("."),
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the negative sampling; the output is deterministic for a seed.")
+    ] = 0,
+    max_len: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Longest history any reader will use: older behaviours are not stored (0 stores whole prefixes).",
+        ),
+    ] = 50,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Import Amazon review sequences (S3-Rec layout) with leave-last-out splits and one sampled negative
@@ -116,17 +126,29 @@ def amazon(
 @app.command()
 @user_errors
 def alimama(
-    src: Annotated[Path, typer.Argument(
-        metavar="DIR", help="Directory with raw_sample.csv, ad_feature.csv, user_profile.csv and "
-                            "behavior_log.csv (Tianchi Ali_Display_Ad_Click).")],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR",
+            help="Directory with raw_sample.csv, ad_feature.csv, user_profile.csv and "
+            "behavior_log.csv (Tianchi Ali_Display_Ad_Click).",
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Directory to write train.h5 and test.h5 into.")] = Path("."),
-    chunk_rows: Annotated[int, typer.Option(
-        min=1000, help="Rows parsed at a time; peak memory grows linearly with it (~450 bytes a row).")]
-    = 1 << 19,
-    max_len: Annotated[int, typer.Option(min=0, help="Longest history any reader will use: older behaviours "
-                                         "are not stored (0 stores whole prefixes).")] = 50,
-    tmp: Annotated[Path | None, typer.Option(help="Directory for the temporary buckets (~17 bytes per "
-                                             "behaviour); default: --out.")] = None,
+    chunk_rows: Annotated[
+        int,
+        typer.Option(min=1000, help="Rows parsed at a time; peak memory grows linearly with it (~450 bytes a row)."),
+    ] = 1 << 19,
+    max_len: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Longest history any reader will use: older behaviours are not stored (0 stores whole prefixes).",
+        ),
+    ] = 50,
+    tmp: Annotated[
+        Path | None, typer.Option(help="Directory for the temporary buckets (~17 bytes per behaviour); default: --out.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Import the raw Alimama click log: the first 7 days train, the last day tests; histories are the
@@ -150,27 +172,32 @@ def _names(text: str | None) -> list[str] | None:
 @user_errors
 def csv_(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(
-        metavar="FILE", help="CSV file (or .parquet/.pq, with pyarrow) with a header row.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="CSV file (or .parquet/.pq, with pyarrow) with a header row.")
+    ],
     out: Annotated[Path, typer.Argument(metavar="OUT.h5", help="The dmrx data file to write.")],
     user_column: Annotated[str, typer.Option(help="User id column.")] = "user_id",
     label: Annotated[str, typer.Option(help="0/1 label column.")] = "label",
-    no_label: Annotated[bool, typer.Option("--no-label", help="Write an unlabelled file (no label column).")]
-    = False,
-    target: Annotated[str | None, typer.Option(help="Target fields as field=column,... (default: X=X_id for "
-                                               "every X_id/hist_X_id column pair).")] = None,
-    history: Annotated[str | None, typer.Option(help="History fields as field=column,... (default: "
-                                                "X=hist_X_id for every X_id/hist_X_id pair).")] = None,
+    no_label: Annotated[bool, typer.Option("--no-label", help="Write an unlabelled file (no label column).")] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Target fields as field=column,... (default: X=X_id for every X_id/hist_X_id column pair)."),
+    ] = None,
+    history: Annotated[
+        str | None,
+        typer.Option(help="History fields as field=column,... (default: X=hist_X_id for every X_id/hist_X_id pair)."),
+    ] = None,
     sep: Annotated[str, typer.Option(help="Separator inside history cells.")] = "^",
-    profile: Annotated[str | None, typer.Option(help="User-profile categorical columns, comma-separated.")]
-    = None,
+    profile: Annotated[str | None, typer.Option(help="User-profile categorical columns, comma-separated.")] = None,
     context: Annotated[str | None, typer.Option(help="Context categorical columns, comma-separated.")] = None,
     dense: Annotated[str | None, typer.Option(help="Continuous columns, comma-separated.")] = None,
-    delimiter: Annotated[str, typer.Option(help="Field delimiter of the CSV ('\\t' or 'tab' for tabs).")]
-    = ",",
-    hash_cols: Annotated[str | None, typer.Option(
-        "--hash", help="Columns of arbitrary strings to map to stable hashed ids, comma-separated (pid...).")]
-    = None,
+    delimiter: Annotated[str, typer.Option(help="Field delimiter of the CSV ('\\t' or 'tab' for tabs).")] = ",",
+    hash_cols: Annotated[
+        str | None,
+        typer.Option(
+            "--hash", help="Columns of arbitrary strings to map to stable hashed ids, comma-separated (pid...)."
+        ),
+    ] = None,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows converted at a time.")] = 1 << 16,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     user: Annotated[str | None, typer.Option(hidden=True, help="Old name of --user-column.")] = None,
@@ -182,15 +209,27 @@ def csv_(
     user_column = renamed(ctx, user_column, user, "--user-column", "--user")
     with status(f"importing {file}", enabled=not json_out):
         summary = import_csv(
-            file, out, user=user_column, label=None if no_label else label,
-            target=parse_mapping(target, "--target"), history=parse_mapping(history, "--history"),
-            sep=sep, profile=_names(profile), context=_names(context), dense=_names(dense),
-            delimiter=_delimiter(delimiter), hashed=_names(hash_cols), chunk_rows=chunk_rows)
+            file,
+            out,
+            user=user_column,
+            label=None if no_label else label,
+            target=parse_mapping(target, "--target"),
+            history=parse_mapping(history, "--history"),
+            sep=sep,
+            profile=_names(profile),
+            context=_names(context),
+            dense=_names(dense),
+            delimiter=_delimiter(delimiter),
+            hashed=_names(hash_cols),
+            chunk_rows=chunk_rows,
+        )
     if json_out:
         print_json(summary)
     else:
-        console.print(f"wrote {out}: {summary['rows']:,} rows, {summary['sequences']:,} sequences, "
-                      f"{summary['behaviors']:,} behaviours")
+        console.print(
+            f"wrote {out}: {summary['rows']:,} rows, {summary['sequences']:,} sequences, "
+            f"{summary['behaviors']:,} behaviours"
+        )
 
 
 def _report(out: Path, summary: dict, json_out: bool) -> None:

@@ -21,8 +21,13 @@ def _gate_table(gates: list[dict], title: str) -> Table:
     for g in gates:
         v = g["value"]
         value = "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
-        table.add_row(g["name"], value, g["threshold"], "[green]pass[/]" if g["passed"] else "[bold red]MISS[/]",
-                      g.get("note", ""))
+        table.add_row(
+            g["name"],
+            value,
+            g["threshold"],
+            "[green]pass[/]" if g["passed"] else "[bold red]MISS[/]",
+            g.get("note", ""),
+        )
     return table
 
 
@@ -48,29 +53,58 @@ def _lint_file(path: Path, json_out: bool) -> None:
 
 @user_errors
 def export(
-    run: Annotated[Path | None, typer.Argument(
-        help="Run directory (default: the most recent run); with --check-tensorrt also an .onnx file to lint.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="Output directory (default RUN/export); must not exist unless --force.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory (atomically: "
-                                        "the old export stays until the new one is complete).")] = False,
+    run: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Run directory (default: the most recent run); with --check-tensorrt also an .onnx file to lint."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output directory (default RUN/export); must not exist unless --force.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace an existing output directory (atomically: "
+            "the old export stays until the new one is complete).",
+        ),
+    ] = False,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write FP16 graphs (gate: |ΔAUC| <= 0.0005).")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="Also write static INT8 Q/DQ graphs (gates: |ΔAUC| <= 0.001, "
-                                                      "logloss within 0.5%, size <= 40% of FP32).")] = False,
-    calib_data: Annotated[Path | None, typer.Option(
-        help="Calibration data (default: the run's training file).")] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also write static INT8 Q/DQ graphs (gates: |ΔAUC| <= 0.001, "
+            "logloss within 0.5%, size <= 40% of FP32).",
+        ),
+    ] = False,
+    calib_data: Annotated[
+        Path | None, typer.Option(help="Calibration data (default: the run's training file).")
+    ] = None,
     calib_rows: Annotated[int, typer.Option(min=1, help="Rows to calibrate on.")] = 4096,
-    calib_method: Annotated[CalibMethod, typer.Option(help="INT8 calibration (percentile: the 99.999th).")]
-    = CalibMethod.percentile,
-    eval_data: Annotated[Path | None, typer.Option(
-        help="Held-out labelled data for the quality gates (default: the run's validation file).")] = None,
+    calib_method: Annotated[
+        CalibMethod, typer.Option(help="INT8 calibration (percentile: the 99.999th).")
+    ] = CalibMethod.percentile,
+    eval_data: Annotated[
+        Path | None,
+        typer.Option(help="Held-out labelled data for the quality gates (default: the run's validation file)."),
+    ] = None,
     eval_rows: Annotated[int, typer.Option(min=1, help="Held-out rows the quality gates read (at most).")] = 100_000,
-    engine: Annotated[Engine | None, typer.Option(
-        help="Also build engines (tensorrt: needs TensorRT and a GPU).", show_default=False)] = None,
-    check_tensorrt: Annotated[bool, typer.Option("--check-tensorrt", help="Lint every graph against the "
-                                                 "ONNX-TensorRT parser's rules (a gate).")] = False,
-    gate: Annotated[bool, typer.Option("--gate/--no-gate", help="--no-gate: write the artifacts even when a gate "
-                                       "misses (marked so in the manifest).")] = True,
+    engine: Annotated[
+        Engine | None, typer.Option(help="Also build engines (tensorrt: needs TensorRT and a GPU).", show_default=False)
+    ] = None,
+    check_tensorrt: Annotated[
+        bool,
+        typer.Option("--check-tensorrt", help="Lint every graph against the ONNX-TensorRT parser's rules (a gate)."),
+    ] = False,
+    gate: Annotated[
+        bool,
+        typer.Option(
+            "--gate/--no-gate",
+            help="--no-gate: write the artifacts even when a gate misses (marked so in the manifest).",
+        ),
+    ] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ):
     """Export a run to ONNX (ranking graph, user encoder, candidate scorer, V'), proven against torch."""
@@ -80,9 +114,20 @@ def export(
     if check_tensorrt and run is not None and run.suffix == ".onnx":
         _lint_file(run, json_out)
         return
-    opts = ExportOptions(out=out, fp16=fp16, int8=int8, calib_data=calib_data, calib_rows=calib_rows,
-                         calib_method=calib_method.value, eval_data=eval_data, eval_rows=eval_rows,
-                         engine=engine and engine.value, check_tensorrt=check_tensorrt, gate=gate, force=force)
+    opts = ExportOptions(
+        out=out,
+        fp16=fp16,
+        int8=int8,
+        calib_data=calib_data,
+        calib_rows=calib_rows,
+        calib_method=calib_method.value,
+        eval_data=eval_data,
+        eval_rows=eval_rows,
+        engine=engine and engine.value,
+        check_tensorrt=check_tensorrt,
+        gate=gate,
+        force=force,
+    )
     try:
         with status("exporting", enabled=not json_out) as say:
             manifest = export_run(run, opts, progress=say)
@@ -93,8 +138,11 @@ def export(
         print_json(manifest)
         return
     print_table(report_table(manifest["quality"], f"exported {manifest['path']}"))
-    print_table(_gate_table(manifest["gates"], "gates" + ("" if manifest["gates_passed"] else
-                                                          " (MISSED, written with --no-gate)")))
+    print_table(
+        _gate_table(
+            manifest["gates"], "gates" + ("" if manifest["gates_passed"] else " (MISSED, written with --no-gate)")
+        )
+    )
     files = Table(title="artifacts")
     for col in ("file", "precision", "bytes", "sha256"):
         files.add_column(col, justify="right" if col == "bytes" else "left")

@@ -167,8 +167,10 @@ def _open_index(run: Path | None):
 def user_record(user: int, items: np.ndarray, scores: np.ndarray, meta: dict) -> dict:
     """One user's top K as --json writes it, for one user and for many alike (one JSON line each)."""
     keep = items >= 0
-    ranked = [{"rank": i + 1, "item": int(it), "score": float(s)}
-              for i, (it, s) in enumerate(zip(items[keep], scores[keep], strict=True))]
+    ranked = [
+        {"rank": i + 1, "item": int(it), "score": float(s)}
+        for i, (it, s) in enumerate(zip(items[keep], scores[keep], strict=True))
+    ]
     return {"user": int(user), **meta, "items": ranked}
 
 
@@ -291,9 +293,10 @@ def retrieve(
     data: Annotated[Path | None, typer.Option(help="Labelled test file for --eval.", show_default=False)] = None,
     topk: Annotated[int, typer.Option("--topk", "-k", help="Items per user.")] = 50,
     exclude_seen: Annotated[bool, typer.Option(help="Leave out items the user's history already holds.")] = False,
-    fmt: Annotated[OutputFormat, typer.Option(
-        "--format", help="json: one JSON object per user and line (for --user, --users and --all alike).")]
-    = OutputFormat.table,
+    fmt: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="json: one JSON object per user and line (for --user, --users and --all alike)."),
+    ] = OutputFormat.table,
     out: Annotated[
         Path | None,
         typer.Option(

@@ -27,8 +27,9 @@ def _summary_table(s: dict) -> Table:
         rows["user encodings"] = f"{s['user_encodings']:,}"
     for k, v in (s.get("unknown_ids") or {}).items():
         rows[f"unknown ids: {k}"] = f"{v:,}"
-    rows["backend"] = s["backend"] + (f" ({', '.join(s['providers'])})" if s.get("providers") else
-                                      f" ({s['device']})" if s.get("device") else "")
+    rows["backend"] = s["backend"] + (
+        f" ({', '.join(s['providers'])})" if s.get("providers") else f" ({s['device']})" if s.get("device") else ""
+    )
     rows["precision"] = s["precision"]
     if s.get("threads"):
         rows["threads"] = str(s["threads"])
@@ -48,23 +49,35 @@ def _summary_table(s: dict) -> Table:
 
 @user_errors
 def score(
-    inputs: Annotated[list[Path], typer.Argument(
-        help="CANDIDATES.h5 to score; with --merge, the shard outputs to join.", show_default=False)],
-    model: Annotated[str | None, typer.Option(
-        metavar="RUN_OR_EXPORT", show_default=False,
-        help="Run directory or its export bundle (default: the most recent run, with its export if any).")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="Output file (default CANDIDATES.scores.h5 beside the input; .shard-I-of-N with --shard).")] = None,
-    backend: Annotated[Backend, typer.Option(help="Inference engine (auto: the fastest one available).")]
-    = Backend.auto,
-    precision: Annotated[Precision, typer.Option(help="Numeric precision (bf16: torch on CUDA only).")]
-    = Precision.fp32,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="CANDIDATES.h5 to score; with --merge, the shard outputs to join.", show_default=False),
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RUN_OR_EXPORT",
+            show_default=False,
+            help="Run directory or its export bundle (default: the most recent run, with its export if any).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output file (default CANDIDATES.scores.h5 beside the input; .shard-I-of-N with --shard)."),
+    ] = None,
+    backend: Annotated[
+        Backend, typer.Option(help="Inference engine (auto: the fastest one available).")
+    ] = Backend.auto,
+    precision: Annotated[
+        Precision, typer.Option(help="Numeric precision (bf16: torch on CUDA only).")
+    ] = Precision.fp32,
     batch_size: Annotated[int, typer.Option(min=1, help="Candidates per scoring call.")] = 4096,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")] = None,
     device: Annotated[Device, typer.Option(help="Where to score (auto: cuda when available).")] = Device.auto,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its last committed chunk.")] = False,
-    shard: Annotated[str | None, typer.Option(
-        help="Score only shard I of N (I/N; by user) into its own output.")] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="Score only shard I of N (I/N; by user) into its own output.")
+    ] = None,
     merge: Annotated[bool, typer.Option(help="Join shard outputs (the arguments) into --out in row order.")] = False,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows per committed chunk (resume granularity).")] = 1 << 16,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -81,11 +94,20 @@ def score(
             raise DmrxError(f"give one candidate file (got {len(inputs)}); use --merge to join shard outputs")
         try:
             with progress(enabled=not json_out) as start:
-                summary = score_file(inputs[0], model, out, backend=backend.value, precision=precision.value,
-                                     batch_size=batch_size, threads=threads, resume=resume,
-                                     shard=parse_shard(shard), chunk_rows=chunk_rows,
-                                     device=None if device is Device.auto else device.value,
-                                     progress=_rows_bar(start))
+                summary = score_file(
+                    inputs[0],
+                    model,
+                    out,
+                    backend=backend.value,
+                    precision=precision.value,
+                    batch_size=batch_size,
+                    threads=threads,
+                    resume=resume,
+                    shard=parse_shard(shard),
+                    chunk_rows=chunk_rows,
+                    device=None if device is Device.auto else device.value,
+                    progress=_rows_bar(start),
+                )
         except KeyboardInterrupt:
             err_console.print("interrupted: committed chunks are kept; rerun with --resume to continue")
             raise

@@ -42,14 +42,16 @@ def train(
     data: Annotated[Path | None, typer.Option(help="Training file (default ./train.h5, generated if absent).")] = None,
     valid: Annotated[Path | None, typer.Option(help="Validation file (default ./valid.h5 when present).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML config with 'model' and 'train' sections.")] = None,
-    arch: Annotated[Arch | None, typer.Option(help="Model kind: DMR or a baseline (overrides config).",
-                                              show_default=False)] = None,
+    arch: Annotated[
+        Arch | None, typer.Option(help="Model kind: DMR or a baseline (overrides config).", show_default=False)
+    ] = None,
     model: Annotated[Arch | None, typer.Option(hidden=True, help="Old name of --arch.")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default ./runs/<timestamp>).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Passes over the training data (max).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed; CPU runs are deterministic for a seed.")] = None,
-    device: Annotated[Device | None, typer.Option(help="Where to train (default auto: cuda when available).",
-                                                 show_default=False)] = None,
+    device: Annotated[
+        Device | None, typer.Option(help="Where to train (default auto: cuda when available).", show_default=False)
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Examples per step.")] = None,
     max_steps: Annotated[int | None, typer.Option(min=0, help="Stop after this many steps (0: no limit).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (--out, or the newest one).")] = False,
@@ -60,8 +62,13 @@ def train(
     from dmrx.training.trainer import train as run_training
 
     arch = renamed(ctx, arch, model, "--arch", "--model")
-    overrides = {"epochs": epochs, "seed": seed, "device": device and device.value, "batch_size": batch_size,
-                 "max_steps": max_steps}
+    overrides = {
+        "epochs": epochs,
+        "seed": seed,
+        "device": device and device.value,
+        "batch_size": batch_size,
+        "max_steps": max_steps,
+    }
     model_cfg, train_cfg = load_config(config, overrides)
     if arch is not None:
         model_cfg.model = arch.value

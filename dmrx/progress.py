@@ -36,8 +36,14 @@ class Task:
         if self._bars is not None:
             self._bars.advance(self._id, n)
 
-    def update(self, completed: int | None = None, *, total: int | None = None, description: str | None = None,
-               info: str | None = None) -> None:
+    def update(
+        self,
+        completed: int | None = None,
+        *,
+        total: int | None = None,
+        description: str | None = None,
+        info: str | None = None,
+    ) -> None:
         if self._bars is None:
             return
         fields = {} if info is None else {"info": info}
@@ -54,9 +60,17 @@ def progress(enabled: bool = True) -> Iterator[StartTask]:
     if not (enabled and stderr.is_terminal):
         yield lambda *args, **kwargs: Task(None)
         return
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
-                    TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                    console=stderr, transient=True)
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=stderr,
+        transient=True,
+    )
 
     def start(description: str, total: int | None, completed: int = 0, unit: str = "rows") -> Task:
         return Task(bars, bars.add_task(description, total=total, completed=completed, unit=unit, info=""))

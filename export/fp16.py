@@ -20,16 +20,28 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-BLOCK = frozenset({"ReduceMin", "ReduceMax", "ReduceSum", "ReduceMean", "Exp", "Log", "Div", "Clip", "Sigmoid",
-                   "Softmax", "LogSoftmax"})
+BLOCK = frozenset(
+    {
+        "ReduceMin",
+        "ReduceMax",
+        "ReduceSum",
+        "ReduceMean",
+        "Exp",
+        "Log",
+        "Div",
+        "Clip",
+        "Sigmoid",
+        "Softmax",
+        "LogSoftmax",
+    }
+)
 FOLLOW = frozenset({"Where", "Sub", "Mul", "Add", "Neg", "Max", "Min"})
 _TYPELESS_INPUT = frozenset({"Shape", "Cast", "Size"})  # read any float type: no input cast needed
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
-def convert(model: onnx.ModelProto, block: frozenset[str] = BLOCK, follow: frozenset[str] = FOLLOW
-            ) -> onnx.ModelProto:
+def convert(model: onnx.ModelProto, block: frozenset[str] = BLOCK, follow: frozenset[str] = FOLLOW) -> onnx.ModelProto:
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     g = model.graph
     elem: dict[str, int] = {}
@@ -101,8 +113,9 @@ def convert(model: onnx.ModelProto, block: frozenset[str] = BLOCK, follow: froze
         key = (name, want)
         if key not in casts:
             new = f"{name}__to_{want}"
-            out_nodes.append(helper.make_node("Cast", [name], [new], to=F16 if want == "fp16" else F32,
-                                              name=f"{name}/cast_{want}"))
+            out_nodes.append(
+                helper.make_node("Cast", [name], [new], to=F16 if want == "fp16" else F32, name=f"{name}/cast_{want}")
+            )
             casts[key] = new
         return casts[key]
 
@@ -150,6 +163,9 @@ def fp32_islands(model: onnx.ModelProto) -> list[str]:
     """Op types that compute in FP32 inside a converted graph (for the manifest)."""
     model = onnx.shape_inference.infer_shapes(model)
     elem = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
-    ops = {n.op_type for n in model.graph.node if n.op_type not in ("Cast", "Constant")
-           and any(elem.get(o) == F32 for o in n.output)}
+    ops = {
+        n.op_type
+        for n in model.graph.node
+        if n.op_type not in ("Cast", "Constant") and any(elem.get(o) == F32 for o in n.output)
+    }
     return sorted(ops)

@@ -42,8 +42,13 @@ class Gate:
     note: str = ""
 
     def to_json(self) -> dict:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold, "passed": self.passed,
-                "note": self.note}
+        return {
+            "name": self.name,
+            "value": self.value,
+            "threshold": self.threshold,
+            "passed": self.passed,
+            "note": self.note,
+        }
 
 
 def _keys(encoder: Encoder, label: bool) -> list[str]:
@@ -58,8 +63,9 @@ def sample_rows(path: Path | None, encoder: Encoder, model: DMR, n: int, seed: i
         with DataFile(path) as data:
             encoder.check_file(data)
             parts = []
-            for batch in data.batches(min(n, 4096), T, encoder=encoder, keys=_keys(encoder, False),
-                                      behavior_fields=encoder.spec.behaviors):
+            for batch in data.batches(
+                min(n, 4096), T, encoder=encoder, keys=_keys(encoder, False), behavior_fields=encoder.spec.behaviors
+            ):
                 parts.append(encoder.finish(batch))
                 if sum(len(p["user"]) for p in parts) >= n:
                     break
@@ -83,8 +89,9 @@ def sample_rows(path: Path | None, encoder: Encoder, model: DMR, n: int, seed: i
     return batch
 
 
-def with_edge_histories(batch: dict[str, np.ndarray], model: DMR, spec_behaviors: list[str], seed: int = 0
-                        ) -> dict[str, np.ndarray]:
+def with_edge_histories(
+    batch: dict[str, np.ndarray], model: DMR, spec_behaviors: list[str], seed: int = 0
+) -> dict[str, np.ndarray]:
     """Rows 0, 3, 6, ...: empty histories; rows 1, 4, 7, ...: full ones (every slot a real behaviour)."""
     rng = np.random.default_rng(seed)
     b = {k: v.copy() for k, v in batch.items()}
@@ -110,16 +117,16 @@ def torch_scores(model: DMR, batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 @torch.inference_mode()
-def torch_grouped(model: DMR, users: dict[str, np.ndarray], user_row: np.ndarray,
-                  cands: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_grouped(
+    model: DMR, users: dict[str, np.ndarray], user_row: np.ndarray, cands: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     enc = model.encode_user(to_tensors(users))
     out = model.score_grouped(enc, torch.from_numpy(user_row), to_tensors(cands))
     res = {"ctr": torch.sigmoid(out["logit"]), **out}
     return {k: v.float().numpy() for k, v in res.items() if v.dim() == 1}
 
 
-def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np.ndarray],
-           sizes=PARITY_SIZES) -> dict:
+def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np.ndarray], sizes=PARITY_SIZES) -> dict:
     """Max abs differences, ONNX Runtime FP32 vs torch, per graph path and batch size."""
     model.eval()
     rank = session(paths["ranking"])
@@ -143,8 +150,9 @@ def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np
             user_row = rng.integers(0, U, len(b["hist_len"]))
             user_out = dict(zip(gs.user_outputs, enc.run(None, to_feeds(users, gs, "user_encoder")), strict=False))
             ref_g = torch_grouped(model, users, user_row, {k: b[k] for k in gs.cand_keys})
-            got_g = dict(zip(gs.score_outputs, cand.run(None, candidate_feeds(user_out, user_row, b, gs)),
-                             strict=False))
+            got_g = dict(
+                zip(gs.score_outputs, cand.run(None, candidate_feeds(user_out, user_row, b, gs)), strict=False)
+            )
             d_split = max(d_split, float(np.abs(got_g["ctr"] - ref_g["ctr"]).max()))
             if "u" in user_out:
                 with torch.inference_mode():
@@ -159,8 +167,14 @@ def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np
     return out
 
 
-def evaluate(paths: dict[str, dict[str, Path]], gs: GraphSpec, encoder: Encoder, data_path: Path,
-             max_rows: int, batch_size: int = 1024) -> dict[str, dict]:
+def evaluate(
+    paths: dict[str, dict[str, Path]],
+    gs: GraphSpec,
+    encoder: Encoder,
+    data_path: Path,
+    max_rows: int,
+    batch_size: int = 1024,
+) -> dict[str, dict]:
     """AUC/logloss of each precision's ranking graph and its split path over the first max_rows rows.
 
     paths: precision -> {"ranking": p, "user_encoder": p, "candidate_scorer": p}."""
@@ -170,11 +184,12 @@ def evaluate(paths: dict[str, dict[str, Path]], gs: GraphSpec, encoder: Encoder,
     seen = 0
     with DataFile(data_path) as data:
         encoder.check_file(data)
-        for batch in data.batches(batch_size, gs.max_len, encoder=encoder, keys=_keys(encoder, True),
-                                  behavior_fields=encoder.spec.behaviors):
+        for batch in data.batches(
+            batch_size, gs.max_len, encoder=encoder, keys=_keys(encoder, True), behavior_fields=encoder.spec.behaviors
+        ):
             batch = encoder.finish(batch)
             if seen + len(batch["user"]) > max_rows:
-                batch = {k: v[:max_rows - seen] for k, v in batch.items()}
+                batch = {k: v[: max_rows - seen] for k, v in batch.items()}
             seen += len(batch["user"])
             labels.append(batch["label"])
             feeds = to_feeds(batch, gs, "ranking")

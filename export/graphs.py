@@ -27,6 +27,8 @@ from dmrx.models.dmr import DMR
 from dmrx.runtime.graphs import USER_PREFIX, GraphSpec
 
 OPSET = 17  # inside ONNX Runtime's range and the ONNX-TensorRT parser's (9..24 for TensorRT 10.15)
+
+
 class _Ranking(nn.Module):
     def __init__(self, model: DMR, gs: GraphSpec):
         super().__init__()
@@ -55,7 +57,7 @@ class _CandidateScorer(nn.Module):
     def forward(self, *xs: Tensor):
         n = len(self.user_keys)
         user = dict(zip(self.user_keys, xs[:n], strict=False))
-        out = self.model.score_grouped(user, xs[n], dict(zip(self.keys, xs[n + 1:], strict=False)))
+        out = self.model.score_grouped(user, xs[n], dict(zip(self.keys, xs[n + 1 :], strict=False)))
         return _score_tuple(out, self.outs)
 
 
@@ -93,16 +95,25 @@ def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> o
     inputs, outputs = gs.inputs(graph), gs.outputs(graph)
     dyn: dict[str, dict[int, str]] = {}
     for name in inputs:
-        dyn[name] = {0: "users" if name.startswith(USER_PREFIX) else
-                     ("candidates" if graph == "candidate_scorer" else "batch")}
+        dyn[name] = {
+            0: "users" if name.startswith(USER_PREFIX) else ("candidates" if graph == "candidate_scorer" else "batch")
+        }
     for name in outputs:
         dyn[name] = {0: "candidates" if graph == "candidate_scorer" else "batch"}
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice and tracer warnings
-        torch.onnx.export(module, example_inputs(model, gs, graph), buf, dynamo=False, input_names=inputs,
-                          output_names=outputs, dynamic_axes=dyn, opset_version=opset,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            example_inputs(model, gs, graph),
+            buf,
+            dynamo=False,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dyn,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
     proto = onnx.load_from_string(buf.getvalue())
     proto.doc_string = f"dmrx {graph} graph"
     with torch.no_grad():  # the tracer leaves some fixed axes unnamed-symbolic: write the known sizes down
@@ -116,9 +127,14 @@ def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> o
     return proto
 
 
-_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-           onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
-           onnx.TensorProto.INT8: "int8"}
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",
+}
 
 
 def describe_io(proto: onnx.ModelProto) -> dict:

@@ -87,8 +87,15 @@ def weight_only_nodes(model: onnx.ModelProto) -> list[str]:
     inits = {t.name for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     final = final_logit_node(model)
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name != final
-            and len(n.input) > 1 and n.input[1] in inits and _mixed_input(n, producer)]
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm")
+        and n.name != final
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and _mixed_input(n, producer)
+    ]
 
 
 def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
@@ -153,8 +160,7 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
                 model.graph.initializer.append(t)
                 params.append(t.name)
             added.append(helper.make_node("QuantizeLinear", [q.input[0], *params], [tag + "_q"], name=tag + "_Q"))
-            added.append(helper.make_node("DequantizeLinear", [tag + "_q", *params], [tag + "_dq"],
-                                          name=tag + "_DQ"))
+            added.append(helper.make_node("DequantizeLinear", [tag + "_q", *params], [tag + "_dq"], name=tag + "_DQ"))
             u.input[0] = tag + "_dq"
             rewired += 1
         new_nodes[id(q)] = added
@@ -166,8 +172,11 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
         # drop DQ (and Q) nodes nobody reads any more
         while True:
             used = {x for n in nodes for x in n.input} | outputs
-            keep = [n for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                    or any(o in used for o in n.output)]
+            keep = [
+                n
+                for n in nodes
+                if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in used for o in n.output)
+            ]
             if len(keep) == len(nodes):
                 break
             nodes = keep
@@ -199,12 +208,22 @@ def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
         scale = np.float32(max(float(np.abs(w).max()), 1e-12) / 127.0)
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         base = f"{name}__woq"
-        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_quantized"),
-                                        numpy_helper.from_array(np.array(scale, np.float32), base + "_scale"),
-                                        numpy_helper.from_array(np.array(0, np.int8), base + "_zero_point")])
-        model.graph.node.insert(0, helper.make_node(
-            "DequantizeLinear", [base + "_quantized", base + "_scale", base + "_zero_point"], [base],
-            name=base + "_DequantizeLinear"))
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(q, base + "_quantized"),
+                numpy_helper.from_array(np.array(scale, np.float32), base + "_scale"),
+                numpy_helper.from_array(np.array(0, np.int8), base + "_zero_point"),
+            ]
+        )
+        model.graph.node.insert(
+            0,
+            helper.make_node(
+                "DequantizeLinear",
+                [base + "_quantized", base + "_scale", base + "_zero_point"],
+                [base],
+                name=base + "_DequantizeLinear",
+            ),
+        )
         n.input[1] = base
         if uses.get(name, 0) == 1:
             model.graph.initializer.remove(inits[name])
@@ -212,10 +231,7 @@ def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
     return done
 
 
-
-
-def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: Path,
-             per_channel: bool = False) -> dict:
+def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: Path, per_channel: bool = False) -> dict:
     """Quantize fp32_path -> out_path; ranges come from cache_path if present, else from `reader`
     (and are then written there). Returns what was done, for the manifest."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -225,11 +241,15 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
     if not quant:
         raise DmrxError(f"{fp32_path}: no MatMul/Gemm/Gather node with a weight to quantize")
     hit = cache_path.is_file()
-    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-               "CalibTensorRangeSymmetric": True,
-               # matmul outputs stay float: the attention scores reach the masked softmax, and the
-               # MLP's pre-activations its PReLU, unrounded (TensorRT fuses DQ into the matmul inputs)
-               "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]}
+    options = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "CalibTensorRangeSymmetric": True,
+        # matmul outputs stay float: the attention scores reach the masked softmax, and the
+        # MLP's pre-activations its PReLU, unrounded (TensorRT fuses DQ into the matmul inputs)
+        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+    }
     if method == "percentile":
         options["CalibPercentile"] = 99.999
     ort_log = logging.getLogger()
@@ -237,12 +257,21 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
     ort_log.setLevel(logging.ERROR)  # quantize_static logs a pre-processing hint on every call
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            quantize_static(str(fp32_path), str(out_path), calibration_data_reader=None if hit else reader,
-                            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANT_OPS),
-                            per_channel=per_channel, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, nodes_to_quantize=quant, nodes_to_exclude=exclude,
-                            calibrate_method=getattr(CalibrationMethod, METHOD_NAMES[method]),
-                            extra_options=options, calibration_cache_path=str(cache_path))
+            quantize_static(
+                str(fp32_path),
+                str(out_path),
+                calibration_data_reader=None if hit else reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANT_OPS),
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=quant,
+                nodes_to_exclude=exclude,
+                calibrate_method=getattr(CalibrationMethod, METHOD_NAMES[method]),
+                extra_options=options,
+                calibration_cache_path=str(cache_path),
+            )
     finally:
         ort_log.setLevel(level)
     woq = weight_only_nodes(model)
@@ -251,7 +280,15 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
     rewired = dedicate_activation_qdq(qmodel)
     onnx.checker.check_model(qmodel)
     onnx.save(qmodel, str(out_path))
-    return {"method": method, "cache_hit": hit, "quantized_nodes": len(quant), "excluded_nodes": exclude,
-            "weight_only_nodes": woq, "rewired_readers": rewired,
-            "rows": None if hit else getattr(reader, "rows_read", None), "per_channel": per_channel,
-            "symmetric": True, "format": "QDQ"}
+    return {
+        "method": method,
+        "cache_hit": hit,
+        "quantized_nodes": len(quant),
+        "excluded_nodes": exclude,
+        "weight_only_nodes": woq,
+        "rewired_readers": rewired,
+        "rows": None if hit else getattr(reader, "rows_read", None),
+        "per_channel": per_channel,
+        "symmetric": True,
+        "format": "QDQ",
+    }

@@ -27,7 +27,8 @@ from onnx import numpy_helper
 TRT_DOC_VERSION = "10.15"
 OPSET_MIN, OPSET_MAX = 9, 24
 
-SUPPORTED_OPS = frozenset("""
+SUPPORTED_OPS = frozenset(
+    """
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization
 BlackmanWindow Cast CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh
 CumSum DeformConv DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten
@@ -42,13 +43,27 @@ Reshape Resize ReverseSequence RMSNormalization RNN RoiAlign RotaryEmbedding Rou
 Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus
 Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh TensorScatter ThresholdedRelu Tile TopK
 Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+""".split()
+)
 
 # Supported by the parser, but their output shape depends on the data: not for a fixed-shape engine.
 DATA_DEPENDENT = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "StringSplit"})
-_AXES_INPUT = {"ReduceSum": 1, "ReduceMean": 1, "ReduceMax": 1, "ReduceMin": 1, "ReduceProd": 1,
-               "ReduceL1": 1, "ReduceL2": 1, "ReduceLogSum": 1, "ReduceLogSumExp": 1, "ReduceSumSquare": 1,
-               "Squeeze": 1, "Unsqueeze": 1, "Slice": 3, "TopK": 1}
+_AXES_INPUT = {
+    "ReduceSum": 1,
+    "ReduceMean": 1,
+    "ReduceMax": 1,
+    "ReduceMin": 1,
+    "ReduceProd": 1,
+    "ReduceL1": 1,
+    "ReduceL2": 1,
+    "ReduceLogSum": 1,
+    "ReduceLogSumExp": 1,
+    "ReduceSumSquare": 1,
+    "Squeeze": 1,
+    "Unsqueeze": 1,
+    "Slice": 3,
+    "TopK": 1,
+}
 
 
 @dataclass
@@ -63,8 +78,13 @@ class LintReport:
         return not self.problems
 
     def to_json(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "opset": self.opset, "problems": self.problems,
-                "trt_rules": f"onnx-tensorrt operators.md, TensorRT {TRT_DOC_VERSION}, opset {OPSET_MIN}..{OPSET_MAX}"}
+        return {
+            "path": self.path,
+            "ok": self.ok,
+            "opset": self.opset,
+            "problems": self.problems,
+            "trt_rules": f"onnx-tensorrt operators.md, TensorRT {TRT_DOC_VERSION}, opset {OPSET_MIN}..{OPSET_MAX}",
+        }
 
 
 def lint(model: onnx.ModelProto | str | Path) -> LintReport:
@@ -120,17 +140,18 @@ def lint(model: onnx.ModelProto | str | Path) -> LintReport:
             if n.op_type == "QuantizeLinear":
                 for c in consumers.get(n.output[0], []):
                     if c.op_type != "DequantizeLinear":
-                        rep.problems.append(f"{where}: its INT8 output feeds {c.op_type} {c.name}, not a "
-                                            "DequantizeLinear")
+                        rep.problems.append(
+                            f"{where}: its INT8 output feeds {c.op_type} {c.name}, not a DequantizeLinear"
+                        )
         idx = _AXES_INPUT.get(n.op_type)
         if idx is not None and len(n.input) > idx and n.input[idx] and n.input[idx] not in consts:
             rep.problems.append(f"{where}: input {idx} ({n.input[idx]}) must be a constant for TensorRT")
     for t in g.initializer:
         if t.data_type == onnx.TensorProto.INT8:
             for c in consumers.get(t.name, []):
-                as_zero_point = c.op_type in ("QuantizeLinear", "DequantizeLinear") and \
-                    t.name not in c.input[:2]
+                as_zero_point = c.op_type in ("QuantizeLinear", "DequantizeLinear") and t.name not in c.input[:2]
                 if c.op_type != "DequantizeLinear" and not as_zero_point:
-                    rep.problems.append(f"initializer {t.name}: INT8 data read by {c.op_type} {c.name}, "
-                                        "not a DequantizeLinear")
+                    rep.problems.append(
+                        f"initializer {t.name}: INT8 data read by {c.op_type} {c.name}, not a DequantizeLinear"
+                    )
     return rep

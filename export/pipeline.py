@@ -1,14 +1,14 @@
 """`dmrx export`: a trained run -> an inference bundle of ONNX graphs (FP32, FP16, INT8), V', engines.
 
-    OUT/                              (default RUN/export; built in a temp dir beside it, renamed at the end)
-      ranking.onnx                    aligned rows -> ctr, logit, r, r_hat
-      user_encoder.onnx               history -> hist_emb, mask, u, i2i_keys
-      candidate_scorer.onnx           user-side tensors [U] + user_row [C] + candidates [C] -> ctr [C], ...
-      *.fp16.onnx, *.int8.onnx        with --fp16 / --int8
-      v_out.safetensors               V' ("v_out" [N, d]) and the match field's raw ids ("raw_ids" [N], -1 = padding)
-      engines/*.plan                  with --engine tensorrt
-      manifest.json                   written last: files (sha256), artifacts (io, opset, precision), parity,
-                                      quality, gates, calibration, library versions (dmrx.runtime.export_bundle)
+OUT/                              (default RUN/export; built in a temp dir beside it, renamed at the end)
+  ranking.onnx                    aligned rows -> ctr, logit, r, r_hat
+  user_encoder.onnx               history -> hist_emb, mask, u, i2i_keys
+  candidate_scorer.onnx           user-side tensors [U] + user_row [C] + candidates [C] -> ctr [C], ...
+  *.fp16.onnx, *.int8.onnx        with --fp16 / --int8
+  v_out.safetensors               V' ("v_out" [N, d]) and the match field's raw ids ("raw_ids" [N], -1 = padding)
+  engines/*.plan                  with --engine tensorrt
+  manifest.json                   written last: files (sha256), artifacts (io, opset, precision), parity,
+                                  quality, gates, calibration, library versions (dmrx.runtime.export_bundle)
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ class GateFailure(DmrxError):
 
     def __init__(self, failed: list[G.Gate]):
         names = ", ".join(g.name for g in failed)
-        super().__init__(f"export gate(s) missed: {names} (nothing was written; --no-gate writes the "
-                         "artifacts anyway and marks them in the manifest)")
+        super().__init__(
+            f"export gate(s) missed: {names} (nothing was written; --no-gate writes the "
+            "artifacts anyway and marks them in the manifest)"
+        )
         self.gates = failed
 
 
@@ -72,21 +74,24 @@ class ExportOptions:
 def _data_paths(b: run_bundle.Bundle, opts: ExportOptions) -> tuple[Path | None, Path | None]:
     """(held-out file, calibration file): the options' files, else the run's own data; each is required only
     by the gates that read it (held-out: FP16/INT8 quality, calibration: INT8), and None where absent."""
-    held = opts.eval_data or run_bundle.run_data(b.path, "valid", "test.h5", config=b.config, option="--eval-data",
-                                                 missing_ok=not (opts.fp16 or opts.int8))
-    calib = opts.calib_data or run_bundle.run_data(b.path, "train", config=b.config, option="--calib-data",
-                                                   missing_ok=not opts.int8)
+    held = opts.eval_data or run_bundle.run_data(
+        b.path, "valid", "test.h5", config=b.config, option="--eval-data", missing_ok=not (opts.fp16 or opts.int8)
+    )
+    calib = opts.calib_data or run_bundle.run_data(
+        b.path, "train", config=b.config, option="--calib-data", missing_ok=not opts.int8
+    )
     return held, calib
 
 
-def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[str], None] | None = None
-               ) -> dict:
+def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[str], None] | None = None) -> dict:
     """Export a run; returns the manifest. Raises DmrxError (GateFailure for missed gates)."""
     say = progress or (lambda msg: None)
     b = run_bundle.load(run)
     if not isinstance(b.model, DMR):
-        raise DmrxError(f"{b.path}: dmrx export handles DMR runs; this run trained the "
-                        f"{b.model.cfg.model if hasattr(b.model, 'cfg') else type(b.model).__name__!r} baseline")
+        raise DmrxError(
+            f"{b.path}: dmrx export handles DMR runs; this run trained the "
+            f"{b.model.cfg.model if hasattr(b.model, 'cfg') else type(b.model).__name__!r} baseline"
+        )
     out = Path(opts.out) if opts.out is not None else b.path / "export"
     if out.exists() and not opts.force:
         raise DmrxError(f"{out}: output directory exists; replace it with --force or choose another with --out")
@@ -121,11 +126,19 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
     precisions = ["fp32"] + ["fp16"] * opts.fp16 + ["int8"] * opts.int8
     manifest: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": {"run": str(b.path.resolve()), "weights_sha256": b.weights_hash,
-                   "run_manifest_files": b.manifest.get("files", {})},
-        "opset": OPSET, "exporter": f"torch.onnx.export TorchScript-based (dynamo=False), torch {torch.__version__}",
-        "input_names": dict(gs.names), "max_len": gs.max_len, "precisions": precisions,
-        "gated": opts.gate, "artifacts": {}, "versions": run_bundle.library_versions(),
+        "source": {
+            "run": str(b.path.resolve()),
+            "weights_sha256": b.weights_hash,
+            "run_manifest_files": b.manifest.get("files", {}),
+        },
+        "opset": OPSET,
+        "exporter": f"torch.onnx.export TorchScript-based (dynamo=False), torch {torch.__version__}",
+        "input_names": dict(gs.names),
+        "max_len": gs.max_len,
+        "precisions": precisions,
+        "gated": opts.gate,
+        "artifacts": {},
+        "versions": run_bundle.library_versions(),
     }
     with atomic_dir(out, overwrite=opts.force) as tmp:
         paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
@@ -136,15 +149,27 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             onnx.save(proto, str(paths["fp32"][graph]))
         say("writing V' (v_out.safetensors)")
         match_vocab = b.vocabs[model.match_table]
-        save_file({"v_out": model.output_table().detach().float().contiguous().numpy(),
-                   "raw_ids": np.concatenate([[-1], match_vocab.ids]).astype(np.int64)},
-                  str(tmp / "v_out.safetensors"), metadata={"match_field": model.cfg.match_field})
+        save_file(
+            {
+                "v_out": model.output_table().detach().float().contiguous().numpy(),
+                "raw_ids": np.concatenate([[-1], match_vocab.ids]).astype(np.int64),
+            },
+            str(tmp / "v_out.safetensors"),
+            metadata={"match_field": model.cfg.match_field},
+        )
 
         say("FP32 parity against torch")
         rows = G.sample_rows(held or calib, encoder, model, max(G.PARITY_SIZES))
         manifest["parity"] = G.parity(model, gs, paths["fp32"], rows)
-        gate_list = [G.Gate("fp32_parity", manifest["parity"]["max_abs_ctr_diff"], f"<= {G.PARITY_TOL:g}",
-                            manifest["parity"]["passed"], "vs torch; batch 1/37/1024; empty+full histories")]
+        gate_list = [
+            G.Gate(
+                "fp32_parity",
+                manifest["parity"]["max_abs_ctr_diff"],
+                f"<= {G.PARITY_TOL:g}",
+                manifest["parity"]["passed"],
+                "vs torch; batch 1/37/1024; empty+full histories",
+            )
+        ]
 
         if opts.fp16:
             from dmrx.export import fp16 as fp16_mod
@@ -154,8 +179,10 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
                 proto = fp16_mod.convert(onnx.load(str(paths["fp32"][graph])))
                 paths["fp16"][graph] = tmp / export_bundle.graph_name(graph, "fp16")
                 onnx.save(proto, str(paths["fp16"][graph]))
-            manifest["fp16"] = {"fp32_islands": fp16_mod.fp32_islands(onnx.load(str(paths["fp16"]["ranking"]))),
-                                "io": "FP32 (casts inside the graph)"}
+            manifest["fp16"] = {
+                "fp32_islands": fp16_mod.fp32_islands(onnx.load(str(paths["fp16"]["ranking"]))),
+                "io": "FP32 (casts inside the graph)",
+            }
         if opts.int8:
             manifest["calibration"] = _quantize(b, gs, encoder, paths, tmp, calib, calib_rows, opts, say)
 
@@ -190,16 +217,22 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
                     say(f"building TensorRT engine {graph} {p}")
                     rel = f"engines/{graph}.{p}.plan"
                     (tmp / "engines").mkdir(exist_ok=True)
-                    manifest["engines"][rel] = trt_mod.build_engine(paths[p][graph], tmp / rel,
-                                                                     cache_dir=out.parent / ".trt-cache")
+                    manifest["engines"][rel] = trt_mod.build_engine(
+                        paths[p][graph], tmp / rel, cache_dir=out.parent / ".trt-cache"
+                    )
 
         lint_ok = True
         for p in precisions:
             for graph in GRAPHS:
                 path = paths[p][graph]
                 proto = onnx.load(str(path))
-                entry = {"graph": graph, "precision": p, "bytes": path.stat().st_size, "opset": opset_of(proto),
-                         **describe_io(proto)}
+                entry = {
+                    "graph": graph,
+                    "precision": p,
+                    "bytes": path.stat().st_size,
+                    "opset": opset_of(proto),
+                    **describe_io(proto),
+                }
                 if opts.check_tensorrt:
                     from dmrx.export.lint import lint
 
@@ -209,28 +242,34 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
                 manifest["artifacts"][path.name] = entry
         vpath = tmp / "v_out.safetensors"
         manifest["artifacts"]["v_out.safetensors"] = {
-            "kind": "V' (output item table) and the match field's raw ids", "bytes": vpath.stat().st_size,
+            "kind": "V' (output item table) and the match field's raw ids",
+            "bytes": vpath.stat().st_size,
             "precision": "fp32",
-            "tensors": {"v_out": {"dtype": "float32", "shape": list(model.output_table().shape)},
-                        "raw_ids": {"dtype": "int64", "shape": [int(model.output_table().shape[0])]}},
-            "match_field": model.cfg.match_field}
+            "tensors": {
+                "v_out": {"dtype": "float32", "shape": list(model.output_table().shape)},
+                "raw_ids": {"dtype": "int64", "shape": [int(model.output_table().shape[0])]},
+            },
+            "match_field": model.cfg.match_field,
+        }
         for rel, info in manifest.get("engines", {}).items():
             manifest["artifacts"][rel] = {k: v for k, v in info.items() if k != "sha256"}
         if opts.check_tensorrt:
-            failed_files = [n for n, a in manifest["artifacts"].items()
-                            if not a.get("tensorrt_lint", {}).get("ok", True)]
-            gate_list.append(G.Gate("tensorrt_lint", len(failed_files), "0 files with problems", lint_ok,
-                                    ", ".join(failed_files)))
+            failed_files = [
+                n for n, a in manifest["artifacts"].items() if not a.get("tensorrt_lint", {}).get("ok", True)
+            ]
+            gate_list.append(
+                G.Gate("tensorrt_lint", len(failed_files), "0 files with problems", lint_ok, ", ".join(failed_files))
+            )
         manifest["gates"] = [g.to_json() for g in gate_list]
         failed = [g for g in gate_list if not g.passed]
         manifest["gates_passed"] = not failed
         if failed and opts.gate:
             raise GateFailure(failed)
         if failed:
-            manifest["gate_override"] = "written with --no-gate although gates missed: " + \
-                ", ".join(g.name for g in failed)
-        manifest = manifests.write(tmp, export_bundle.FORMAT, export_bundle.VERSION, manifest["artifacts"],
-                                   **manifest)
+            manifest["gate_override"] = "written with --no-gate although gates missed: " + ", ".join(
+                g.name for g in failed
+            )
+        manifest = manifests.write(tmp, export_bundle.FORMAT, export_bundle.VERSION, manifest["artifacts"], **manifest)
     manifest["path"] = str(out)
     return manifest
 
@@ -242,41 +281,58 @@ def _quality_gates(p: str, quality: dict) -> list[G.Gate]:
         q = quality.get(path)
         if not q:
             continue
-        ref = quality["fp32" + path[len(p):]]
+        ref = quality["fp32" + path[len(p) :]]
         d_auc = abs(q["auc"] - ref["auc"]) if np.isfinite(q["auc"]) and np.isfinite(ref["auc"]) else None
         tol = G.FP16_AUC_TOL if p == "fp16" else G.INT8_AUC_TOL
         label = "ranking" if path == p else "split"
-        out.append(G.Gate(f"{p}_auc_{label}", d_auc, f"|ΔAUC| <= {tol:g}", d_auc is not None and d_auc <= tol,
-                          f"{q['rows']} rows"))
+        out.append(
+            G.Gate(
+                f"{p}_auc_{label}", d_auc, f"|ΔAUC| <= {tol:g}", d_auc is not None and d_auc <= tol, f"{q['rows']} rows"
+            )
+        )
         if p == "int8":
             rel = abs(q["logloss"] - ref["logloss"]) / ref["logloss"]
-            out.append(G.Gate(f"int8_logloss_{label}", rel, f"relative diff <= {G.INT8_LOGLOSS_REL_TOL:g}",
-                              rel <= G.INT8_LOGLOSS_REL_TOL))
+            out.append(
+                G.Gate(
+                    f"int8_logloss_{label}",
+                    rel,
+                    f"relative diff <= {G.INT8_LOGLOSS_REL_TOL:g}",
+                    rel <= G.INT8_LOGLOSS_REL_TOL,
+                )
+            )
     if p == "int8":
         ratio = quality["int8"]["bytes"] / base["bytes"]
-        out.append(G.Gate("int8_size", ratio, f"<= {G.INT8_SIZE_RATIO:g} of the FP32 ranking.onnx",
-                          ratio <= G.INT8_SIZE_RATIO))
+        out.append(
+            G.Gate("int8_size", ratio, f"<= {G.INT8_SIZE_RATIO:g} of the FP32 ranking.onnx", ratio <= G.INT8_SIZE_RATIO)
+        )
     return out
 
 
-def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: int, opts: ExportOptions,
-              say) -> dict:
+def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: int, opts: ExportOptions, say) -> dict:
     from dmrx.calibration import DataFileReader, RangeCache, cache_key
     from dmrx.export import int8 as int8_mod
 
     cache = RangeCache(opts.cache_dir or b.path / ".calibration-cache")
     cache.prepare()
-    info: dict = {"data": str(calib), "rows": rows, "method": opts.calib_method, "cache_dir": str(cache.root),
-                  "graphs": {}}
+    info: dict = {
+        "data": str(calib),
+        "rows": rows,
+        "method": opts.calib_method,
+        "cache_dir": str(cache.root),
+        "graphs": {},
+    }
     user_sess = session(paths["fp32"]["user_encoder"])
     for graph in GRAPHS:
         src = paths["fp32"][graph]
         key = cache_key(b.weights_hash, manifests.sha256(src), opts.calib_method, calib, rows, graph)
         hit = cache.has(key)
-        say(f"quantizing {graph} to INT8 ({opts.calib_method}, "
-            f"{'cached ranges' if hit else f'calibrating on {rows} rows'})")
-        reader = DataFileReader(calib, encoder, gs, graph, rows=rows,
-                                user_session=user_sess if graph == "candidate_scorer" else None)
+        say(
+            f"quantizing {graph} to INT8 ({opts.calib_method}, "
+            f"{'cached ranges' if hit else f'calibrating on {rows} rows'})"
+        )
+        reader = DataFileReader(
+            calib, encoder, gs, graph, rows=rows, user_session=user_sess if graph == "candidate_scorer" else None
+        )
         paths["int8"][graph] = tmp / export_bundle.graph_name(graph, "int8")
         res = int8_mod.quantize(src, paths["int8"][graph], reader, opts.calib_method, cache.path(key))
         res["cache_key"] = key

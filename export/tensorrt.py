@@ -28,8 +28,14 @@ from dmrx.errors import DmrxError
 from dmrx.runtime.tensorrt import _logger, require
 
 DEFAULT_PROFILE = (1, 1024, 8192)  # (min, opt, max) rows on the dynamic batch axes
-_DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "BOOL": "bool",
-                "INT8": "int8"}
+_DTYPE_NAMES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT64": "int64",
+    "INT32": "int32",
+    "BOOL": "bool",
+    "INT8": "int8",
+}
 
 
 def engine_key(onnx_path: Path, profile=DEFAULT_PROFILE) -> dict:
@@ -37,15 +43,24 @@ def engine_key(onnx_path: Path, profile=DEFAULT_PROFILE) -> dict:
     import torch  # noqa: PLC0415
 
     dev = torch.cuda.current_device()
-    ident = {"tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(dev),
-             "sm": ".".join(map(str, torch.cuda.get_device_capability(dev))), "onnx_sha256": sha256(onnx_path),
-             "profile": list(profile)}
+    ident = {
+        "tensorrt": trt.__version__,
+        "gpu": torch.cuda.get_device_name(dev),
+        "sm": ".".join(map(str, torch.cuda.get_device_capability(dev))),
+        "onnx_sha256": sha256(onnx_path),
+        "profile": list(profile),
+    }
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
     return ident
 
 
-def build_engine(onnx_path: Path, plan_path: Path, cache_dir: Path | None = None, profile=DEFAULT_PROFILE,
-                 workspace_bytes: int = 1 << 30) -> dict:
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    cache_dir: Path | None = None,
+    profile=DEFAULT_PROFILE,
+    workspace_bytes: int = 1 << 30,
+) -> dict:
     """Build (or fetch from the engine cache) a plan for onnx_path; write it to plan_path."""
     trt = require()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)

@@ -31,6 +31,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tiny_data" in item.fixturenames or item.module.__name__.split(".")[-1].startswith(CLI_MODULES):
             item.add_marker(pytest.mark.integration)
+
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -48,8 +50,20 @@ def tiny_data(tmp_path_factory) -> Path:
     from dmrx.data.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("tiny_data")
-    generate(out, SyntheticConfig(users=300, items=1000, cates=30, brands=100, mean_len=20, max_len=60,
-                                  impressions_per_user=10, candidates_per_user=5, seed=7))
+    generate(
+        out,
+        SyntheticConfig(
+            users=300,
+            items=1000,
+            cates=30,
+            brands=100,
+            mean_len=20,
+            max_len=60,
+            impressions_per_user=10,
+            candidates_per_user=5,
+            seed=7,
+        ),
+    )
     return out
 
 
@@ -60,8 +74,12 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from dmrx.training.trainer import TrainConfig, train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_data / "train.h5", tiny_data / "valid.h5", run,
-          # with the user id (off by default) so its encoding, scoring and export stay covered
-          DMRConfig(embed_dim=8, attn_hidden=16, mlp=(32, 16), num_negatives=50, max_len=20, use_user_id=True),
-          TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10))
+    train(
+        tiny_data / "train.h5",
+        tiny_data / "valid.h5",
+        run,
+        # with the user id (off by default) so its encoding, scoring and export stay covered
+        DMRConfig(embed_dim=8, attn_hidden=16, mlp=(32, 16), num_negatives=50, max_len=20, use_user_id=True),
+        TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10),
+    )
     return run

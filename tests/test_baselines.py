@@ -32,8 +32,17 @@ def parts(tiny_data):
         vocabs, _ = fit(spec, data)
     enc = Encoder(spec, vocabs)
     with DataFile(tiny_data / "test.h5") as data:
-        batch = next(iter(data.batches(64, 20, encoder=enc, keys=["seq", "end", "label"] + spec.batch_keys(),
-                                       behavior_fields=spec.behaviors)))
+        batch = next(
+            iter(
+                data.batches(
+                    64,
+                    20,
+                    encoder=enc,
+                    keys=["seq", "end", "label"] + spec.batch_keys(),
+                    behavior_fields=spec.behaviors,
+                )
+            )
+        )
         batch = to_tensors(enc.finish(batch))
     return spec, vocabs, batch
 
@@ -91,8 +100,13 @@ def test_lr_cross_buckets(parts):
 @pytest.mark.parametrize("name", BASELINES)
 def test_baseline_trains_and_bundle_reloads(name, tiny_data, tmp_path):
     run = tmp_path / name
-    summary = train(tiny_data / "train.h5", tiny_data / "valid.h5", run, DMRConfig(model=name, **SMALL),
-                    TrainConfig(epochs=1, batch_size=64, max_steps=24, log_every=4, lr=0.01))
+    summary = train(
+        tiny_data / "train.h5",
+        tiny_data / "valid.h5",
+        run,
+        DMRConfig(model=name, **SMALL),
+        TrainConfig(epochs=1, batch_size=64, max_steps=24, log_every=4, lr=0.01),
+    )
     assert summary["steps"] == 24 and summary["aux_loss"] is False
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -113,11 +127,30 @@ def test_baseline_trains_and_bundle_reloads(name, tiny_data, tmp_path):
 
 def test_cli_train_with_config_and_evaluate(tiny_data, tmp_path):
     cfg = tmp_path / "din.json"
-    cfg.write_text(json.dumps({"model": {"model": "din", **SMALL, "mlp": [32, 16]},
-                               "train": {"batch_size": 64, "max_steps": 12, "log_every": 4}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "model": {"model": "din", **SMALL, "mlp": [32, 16]},
+                "train": {"batch_size": 64, "max_steps": 12, "log_every": 4},
+            }
+        )
+    )
     out = tmp_path / "din"
-    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--valid", str(tiny_data / "valid.h5"),
-                              "--config", str(cfg), "--out", str(out), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_data / "train.h5"),
+            "--valid",
+            str(tiny_data / "valid.h5"),
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["model"]["model"] == "din"
     res = runner.invoke(app, ["evaluate", str(out), "--data", str(tiny_data / "test.h5"), "--json"])
@@ -129,6 +162,7 @@ def test_cli_train_with_config_and_evaluate(tiny_data, tmp_path):
 def test_unknown_model_is_one_line_error(tiny_data, tmp_path):
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps({"model": {"model": "xdeepfm"}}))
-    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--config", str(cfg),
-                              "--out", str(tmp_path / "x")])
+    res = runner.invoke(
+        app, ["train", "--data", str(tiny_data / "train.h5"), "--config", str(cfg), "--out", str(tmp_path / "x")]
+    )
     assert res.exit_code == 2 and "xdeepfm" in res.output and "Traceback" not in res.output

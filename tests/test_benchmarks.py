@@ -20,14 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_gpu_check_dry_run_on_cpu_passes_every_check():
     p = _run("gpu_check.py", "--device", "cpu", "--steps", "30", "--users", "400", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
-    out = json.loads(p.stdout[p.stdout.index("{\n"):])
+    out = json.loads(p.stdout[p.stdout.index("{\n") :])
     names = [c["check"] for c in out["checks"]]
     assert any(k.startswith("train: loss") for k in names)
     assert any(k.startswith("parity") for k in names)
@@ -36,8 +35,21 @@ def test_gpu_check_dry_run_on_cpu_passes_every_check():
 
 def test_quality_results_file_reuses_finished_runs(tmp_path):
     results = tmp_path / "runs.jsonl"
-    args = ["--users", "300", "--seeds", "1", "--epochs", "1", "--variants", "lr", "--json",
-            "--data-dir", str(tmp_path / "data"), "--results", str(results)]
+    args = [
+        "--users",
+        "300",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--variants",
+        "lr",
+        "--json",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--results",
+        str(results),
+    ]
     first = _run("quality.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert len(results.read_text().splitlines()) == 1
@@ -52,8 +64,23 @@ def test_quality_results_file_reuses_finished_runs(tmp_path):
 
 def test_quality_synthetic_overrides_shape_the_data_and_the_key(tmp_path):
     results = tmp_path / "runs.jsonl"
-    args = ["--users", "300", "--seeds", "1", "--epochs", "1", "--variants", "lr", "--json",
-            "--data-dir", str(tmp_path / "data"), "--results", str(results), "--synthetic", '{"cates": 7}']
+    args = [
+        "--users",
+        "300",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--variants",
+        "lr",
+        "--json",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--results",
+        str(results),
+        "--synthetic",
+        '{"cates": 7}',
+    ]
     p = _run("quality.py", *args)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(results.read_text())["key"]["synthetic"] == {"cates": 7}

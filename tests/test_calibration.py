@@ -71,12 +71,18 @@ def test_check_calibration_file(graphs, tiny_data):
 
 
 def test_cache_key_changes_with_weights_method_rows_and_data(tiny_data):
-    base = dict(weights_hash="w1", graph_hash="g", method="minmax", data_path=tiny_data / "train.h5", rows=512,
-                graph="ranking")
+    base = dict(
+        weights_hash="w1", graph_hash="g", method="minmax", data_path=tiny_data / "train.h5", rows=512, graph="ranking"
+    )
     k = cache_key(**base)
     assert k == cache_key(**base)
-    for change in ({"weights_hash": "w2"}, {"method": "entropy"}, {"rows": 513},
-                   {"data_path": tiny_data / "valid.h5"}, {"graph": "user_encoder"}):
+    for change in (
+        {"weights_hash": "w2"},
+        {"method": "entropy"},
+        {"rows": 513},
+        {"data_path": tiny_data / "valid.h5"},
+        {"graph": "user_encoder"},
+    ):
         assert cache_key(**{**base, **change}) != k, change
 
 
@@ -102,8 +108,12 @@ def test_damaged_cache_entry_is_a_miss(tmp_path):
 
 
 def test_report_json_and_table():
-    rep = precision_report({"fp32": {"auc": 0.70, "logloss": 0.40, "bytes": 1000, "rows_per_s": 100.0},
-                            "int8": {"auc": 0.6995, "logloss": 0.401, "bytes": 300, "rows_per_s": 150.0}})
+    rep = precision_report(
+        {
+            "fp32": {"auc": 0.70, "logloss": 0.40, "bytes": 1000, "rows_per_s": 100.0},
+            "int8": {"auc": 0.6995, "logloss": 0.401, "bytes": 300, "rows_per_s": 150.0},
+        }
+    )
     assert rep["int8"]["auc_diff"] == pytest.approx(-0.0005)
     assert rep["int8"]["logloss_rel_diff"] == pytest.approx(0.0025)
     assert rep["int8"]["size_ratio"] == pytest.approx(0.3) and rep["int8"]["speedup"] == pytest.approx(1.5)

@@ -21,8 +21,10 @@ from dmrx.cli.app import app
 from dmrx.cli.common import kv_table, print_json, print_table
 
 runner = CliRunner()
-TINY = {"model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
-        "train": {"batch_size": 64, "max_steps": 6, "log_every": 2, "patience": 0}}
+TINY = {
+    "model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
+    "train": {"batch_size": 64, "max_steps": 6, "log_every": 2, "patience": 0},
+}
 
 
 def strict_loads(text: str):
@@ -34,20 +36,23 @@ def strict_loads(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.mark.parametrize("args, option", [
-    (["score", "c.h5", "--backend", "tensorflow"], "--backend"),
-    (["score", "c.h5", "--precision", "fp64"], "--precision"),
-    (["score", "c.h5", "--device", "tpu"], "--device"),
-    (["train", "--arch", "transformer"], "--arch"),
-    (["train", "--model", "transformer"], "--model"),
-    (["train", "--device", "tpu"], "--device"),
-    (["retrieve", "--user", "1", "--search", "ivf"], "--search"),
-    (["retrieve", "--user", "1", "--format", "xml"], "--format"),
-    (["retrieve", "--eval", "--backend", "tensorrt"], "--backend"),
-    (["index", "build", "--ann", "ivf"], "--ann"),
-    (["export", "--engine", "openvino"], "--engine"),
-    (["export", "--calib-method", "median"], "--calib-method"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["score", "c.h5", "--backend", "tensorflow"], "--backend"),
+        (["score", "c.h5", "--precision", "fp64"], "--precision"),
+        (["score", "c.h5", "--device", "tpu"], "--device"),
+        (["train", "--arch", "transformer"], "--arch"),
+        (["train", "--model", "transformer"], "--model"),
+        (["train", "--device", "tpu"], "--device"),
+        (["retrieve", "--user", "1", "--search", "ivf"], "--search"),
+        (["retrieve", "--user", "1", "--format", "xml"], "--format"),
+        (["retrieve", "--eval", "--backend", "tensorrt"], "--backend"),
+        (["index", "build", "--ann", "ivf"], "--ann"),
+        (["export", "--engine", "openvino"], "--engine"),
+        (["export", "--calib-method", "median"], "--calib-method"),
+    ],
+)
 def test_bad_choice_is_a_usage_error_before_any_work(args, option, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no run, no data: any work started would fail differently
     res = runner.invoke(app, args)
@@ -66,8 +71,21 @@ def _config(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("option", ["--arch", "--model"])
 def test_train_kind_by_arch_and_by_its_old_name(option, tiny_data, tmp_path):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--config", str(_config(tmp_path)),
-                              "--out", str(out), option, "lr", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_data / "train.h5"),
+            "--config",
+            str(_config(tmp_path)),
+            "--out",
+            str(out),
+            option,
+            "lr",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["model"]["model"] == "lr"
     assert ("--model is now --arch" in " ".join(res.stderr.split())) == (option == "--model")
@@ -75,15 +93,26 @@ def test_train_kind_by_arch_and_by_its_old_name(option, tiny_data, tmp_path):
 
 
 def test_train_refuses_both_names_of_the_kind(tiny_data, tmp_path):
-    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--out", str(tmp_path / "r"),
-                              "--arch", "lr", "--model", "din"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_data / "train.h5"),
+            "--out",
+            str(tmp_path / "r"),
+            "--arch",
+            "lr",
+            "--model",
+            "din",
+        ],
+    )
     assert res.exit_code == 2 and "--arch" in res.output
     assert not (tmp_path / "r").exists()
 
 
 def test_renamed_data_options_keep_their_old_names(tmp_path):
-    res = runner.invoke(app, ["data", "synthetic", "--out", str(tmp_path), "--users", "40", "--items", "700",
-                              "--json"])
+    res = runner.invoke(app, ["data", "synthetic", "--out", str(tmp_path), "--users", "40", "--items", "700", "--json"])
     assert res.exit_code == 0, res.output
     assert "--users is now --n-users" in " ".join(res.stderr.split())
     with h5py.File(tmp_path / "train.h5") as f:
@@ -91,8 +120,14 @@ def test_renamed_data_options_keep_their_old_names(tmp_path):
 
 
 def test_print_json_is_strict_and_null_for_undefined_numbers(capsys):
-    print_json({"auc": float("nan"), "x": [np.float32("inf"), np.float64(-np.inf), np.int64(3)],
-                "nested": {"a": (np.array([1.5, np.nan]),), "ok": np.bool_(True)}, "path": Path("a/b")})
+    print_json(
+        {
+            "auc": float("nan"),
+            "x": [np.float32("inf"), np.float64(-np.inf), np.int64(3)],
+            "nested": {"a": (np.array([1.5, np.nan]),), "ok": np.bool_(True)},
+            "path": Path("a/b"),
+        }
+    )
     out = strict_loads(capsys.readouterr().out)
     assert out == {"auc": None, "x": [None, None, 3], "nested": {"a": [[1.5, None]], "ok": True}, "path": "a/b"}
 

@@ -21,8 +21,22 @@ USERS = 300
 
 
 def _synthetic(out, seed):
-    res = runner.invoke(app, ["data", "synthetic", "--out", str(out), "--n-users", str(USERS),
-                              "--n-items", "1000", "--seed", str(seed), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "synthetic",
+            "--out",
+            str(out),
+            "--n-users",
+            str(USERS),
+            "--n-items",
+            "1000",
+            "--seed",
+            str(seed),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
@@ -66,9 +80,12 @@ def test_synthetic_is_deterministic_per_seed(synth):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}:{key}")
         assert any(a[k].shape != c[k].shape or not np.array_equal(a[k], c[k]) for k in a), name
-    np.testing.assert_raises(AssertionError, np.testing.assert_array_equal,
-                             _arrays(root / "a" / "train.h5")["behaviors/item"],
-                             _arrays(root / "c" / "train.h5")["behaviors/item"])
+    np.testing.assert_raises(
+        AssertionError,
+        np.testing.assert_array_equal,
+        _arrays(root / "a" / "train.h5")["behaviors/item"],
+        _arrays(root / "c" / "train.h5")["behaviors/item"],
+    )
 
 
 def test_synthetic_ids_labels_and_candidates(synth):
@@ -125,10 +142,22 @@ def known_file(tmp_path):
     label = (rng.random(1000) < 0.07).astype(np.int8)
     prob = rng.random(1000).astype(np.float32)
     path = tmp_path / "known.h5"
-    write_dataset(path, {"item": rng.integers(1, 500, nnz), "btag": rng.integers(1, 5, nnz)}, lengths,
-                  dict(seq=seq, end=end, user=user, label=label, prob=prob,
-                       profile={"age": rng.integers(1, 8, 1000)}, target={"item": rng.integers(1, 500, 1000)},
-                       dense={"price": rng.random(1000)}), attrs={"source": "test"})
+    write_dataset(
+        path,
+        {"item": rng.integers(1, 500, nnz), "btag": rng.integers(1, 5, nnz)},
+        lengths,
+        dict(
+            seq=seq,
+            end=end,
+            user=user,
+            label=label,
+            prob=prob,
+            profile={"age": rng.integers(1, 8, 1000)},
+            target={"item": rng.integers(1, 500, 1000)},
+            dense={"price": rng.random(1000)},
+        ),
+        attrs={"source": "test"},
+    )
     return path, dict(lengths=lengths, end=end, user=user, label=label, prob=prob)
 
 
@@ -148,8 +177,15 @@ def test_info_json_matches_what_was_written(known_file):
     assert h["p50"] == np.percentile(end, 50, method="inverted_cdf")
     assert h["p90"] == np.percentile(end, 90, method="inverted_cdf")
     assert h["empty_share"] == pytest.approx((end == 0).mean()) and h["empty_share"] >= 0.037
-    assert d["fields"] == {"behaviors": ["btag", "item"], "profile": ["age"], "target": ["item"],
-                           "context": [], "dense": ["price"], "label": True, "prob": True}
+    assert d["fields"] == {
+        "behaviors": ["btag", "item"],
+        "profile": ["age"],
+        "target": ["item"],
+        "context": [],
+        "dense": ["price"],
+        "label": True,
+        "prob": True,
+    }
     assert d["file_bytes"] == path.stat().st_size
     assert d["attrs"] == {"source": "test"}
     # streaming in small chunks gives the same answer

@@ -34,21 +34,24 @@ def test_every_shipped_config_loads_and_validates(path):
     assert train_cfg == TrainConfig()
 
 
-@pytest.mark.parametrize("cfg, key, message", [
-    ({"model": {"embed_dim": "32"}}, "embed_dim", "must be an integer, got '32'"),
-    ({"train": {"batch_size": 1.5}}, "batch_size", "must be an integer, got 1.5"),
-    ({"model": {"use_u2i": 1}}, "use_u2i", "must be true or false"),
-    ({"model": {"max_len": True}}, "max_len", "must be an integer"),
-    ({"model": {"mlp": [64, "32"]}}, "mlp", "entry must be an integer"),
-    ({"model": {"mlp": 64}}, "mlp", "must be a list"),
-    ({"model": {"attention": 2}}, "attention", "must be a string"),
-    ({"train": {"lr": "fast"}}, "lr", "must be a number"),
-    ({"model": {"attn_hidden": 0}}, "attn_hidden", "must be positive"),
-    ({"model": {"beta": float("nan")}}, "beta", "must be >= 0"),
-    ({"train": {"epochs": 0}}, "epochs", "must be positive"),
-    ({"model": {"colour": 1}}, "colour", "unknown model option"),
-    ({"model": [1, 2]}, "model", "must be a table"),
-])
+@pytest.mark.parametrize(
+    "cfg, key, message",
+    [
+        ({"model": {"embed_dim": "32"}}, "embed_dim", "must be an integer, got '32'"),
+        ({"train": {"batch_size": 1.5}}, "batch_size", "must be an integer, got 1.5"),
+        ({"model": {"use_u2i": 1}}, "use_u2i", "must be true or false"),
+        ({"model": {"max_len": True}}, "max_len", "must be an integer"),
+        ({"model": {"mlp": [64, "32"]}}, "mlp", "entry must be an integer"),
+        ({"model": {"mlp": 64}}, "mlp", "must be a list"),
+        ({"model": {"attention": 2}}, "attention", "must be a string"),
+        ({"train": {"lr": "fast"}}, "lr", "must be a number"),
+        ({"model": {"attn_hidden": 0}}, "attn_hidden", "must be positive"),
+        ({"model": {"beta": float("nan")}}, "beta", "must be >= 0"),
+        ({"train": {"epochs": 0}}, "epochs", "must be positive"),
+        ({"model": {"colour": 1}}, "colour", "unknown model option"),
+        ({"model": [1, 2]}, "model", "must be a table"),
+    ],
+)
 def test_a_bad_value_names_the_file_and_the_option(tmp_path, cfg, key, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(cfg))
@@ -71,8 +74,9 @@ def test_the_din_unit_takes_attn_hidden():
     from dmrx.models.dmr import DMR
     from tests.test_model import SIZES, _batch, _spec
 
-    dmr = DMR(DMRConfig(embed_dim=8, mlp=(16,), max_len=12, num_negatives=10, attention="din", attn_hidden=24),
-              _spec(), SIZES)
+    dmr = DMR(
+        DMRConfig(embed_dim=8, mlp=(16,), max_len=12, num_negatives=10, attention="din", attn_hidden=24), _spec(), SIZES
+    )
     assert (dmr.att_i2i.l1.out_features, dmr.att_i2i.l2.out_features) == (24, 12)
     assert dmr(_batch())["logit"].shape == (6,)
     default = DMR(DMRConfig(embed_dim=8, mlp=(16,), max_len=12, attention="din"), _spec(), SIZES)
@@ -122,14 +126,19 @@ def _as_version_1(model: dict, train: dict, drop: tuple[str, ...] = (), din_hidd
         model["attn_hidden"] = din_hidden
 
 
-@pytest.mark.parametrize("model, drop, din_hidden", [
-    ({}, (), None),  # a run as dmrx saved it before config_version was recorded
-    ({"target_product": False, "mlp_batchnorm": False}, ("target_product", "mlp_batchnorm", "sparse_lr"), None),
-    ({"attention": "din", "attn_hidden": 80}, (), 16),
-    ({"model": "din", "attn_hidden": 80}, (), 64),
-], ids=["unversioned", "before-options", "din-attention", "din-baseline"])
-def test_a_run_saved_by_an_older_version_loads_with_identical_predictions(tiny_data, tmp_path, monkeypatch,
-                                                                           model, drop, din_hidden):
+@pytest.mark.parametrize(
+    "model, drop, din_hidden",
+    [
+        ({}, (), None),  # a run as dmrx saved it before config_version was recorded
+        ({"target_product": False, "mlp_batchnorm": False}, ("target_product", "mlp_batchnorm", "sparse_lr"), None),
+        ({"attention": "din", "attn_hidden": 80}, (), 16),
+        ({"model": "din", "attn_hidden": 80}, (), 64),
+    ],
+    ids=["unversioned", "before-options", "din-attention", "din-baseline"],
+)
+def test_a_run_saved_by_an_older_version_loads_with_identical_predictions(
+    tiny_data, tmp_path, monkeypatch, model, drop, din_hidden
+):
     from dmrx.models import bundle
 
     monkeypatch.chdir(tmp_path)  # training marks ./runs/LATEST

@@ -19,19 +19,46 @@ def _run(cmd, cwd):
 
 def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
     cfg = _config(tmp_path, batch_size=128)
-    args = ["train", "--data", str(tiny_data / "train.h5"), "--valid", str(tiny_data / "valid.h5"),
-            "--config", str(cfg), "--epochs", "2", "--json"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data / "train.h5"),
+        "--valid",
+        str(tiny_data / "valid.h5"),
+        "--config",
+        str(cfg),
+        "--epochs",
+        "2",
+        "--json",
+    ]
     _run([sys.executable, "-m", "dmrx", *args, "--out", str(tmp_path / "single")], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dmrx",
-          *args, "--out", str(tmp_path / "ddp")], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "dmrx",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        tmp_path,
+    )
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["steps"] == single["steps"] and ddp["examples"] == single["examples"]
     assert abs(ddp["best_val_auc"] - single["best_val_auc"]) <= 0.01
     # the bundle is written once, by rank 0: one log line per logged step, a verified manifest
-    steps = [json.loads(x)["step"] for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
     assert steps == sorted(set(steps))
     from dmrx.models import bundle
 

@@ -15,10 +15,13 @@ from dmrx.models import bundle
 
 
 def test_relevance_means_by_label():
-    res = {"label": np.array([1.0, 0.0, 1.0, 0.0, 0.0], np.float32), "prob": np.zeros(5),
-           "r": np.array([2.0, -1.0, 4.0, 0.5, 3.5], np.float32), "r_hat": np.array([1, 1, 1, 0, 2], np.float32)}
-    assert relevance_means(res) == {"mean_r_pos": 3.0, "mean_r_neg": 1.0, "mean_r_hat_pos": 1.0,
-                                    "mean_r_hat_neg": 1.0}
+    res = {
+        "label": np.array([1.0, 0.0, 1.0, 0.0, 0.0], np.float32),
+        "prob": np.zeros(5),
+        "r": np.array([2.0, -1.0, 4.0, 0.5, 3.5], np.float32),
+        "r_hat": np.array([1, 1, 1, 0, 2], np.float32),
+    }
+    assert relevance_means(res) == {"mean_r_pos": 3.0, "mean_r_neg": 1.0, "mean_r_hat_pos": 1.0, "mean_r_hat_neg": 1.0}
     assert relevance_means({"label": res["label"], "prob": res["prob"]}) == {}  # a model without units
     only_clicks = relevance_means({"label": np.ones(3), "r": np.array([1.0, 2.0, 6.0])})
     assert only_clicks["mean_r_pos"] == 3.0 and math.isnan(only_clicks["mean_r_neg"])

@@ -37,8 +37,18 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "bundle"
-    export_run(tiny_run, ExportOptions(out=out, fp16=True, int8=True, check_tensorrt=True, gate=False,
-                                       calib_rows=1024, cache_dir=tmp_path_factory.mktemp("calib-cache")))
+    export_run(
+        tiny_run,
+        ExportOptions(
+            out=out,
+            fp16=True,
+            int8=True,
+            check_tensorrt=True,
+            gate=False,
+            calib_rows=1024,
+            cache_dir=tmp_path_factory.mktemp("calib-cache"),
+        ),
+    )
     return out
 
 
@@ -98,8 +108,7 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
     assert m["source"]["weights_sha256"] == run_manifest["files"]["model.safetensors"]
     assert m["opset"] == 17 and m["input_names"]["hist/item"] == "hist__item"
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
-    names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer")
-             for s in ("", ".fp16", ".int8")}
+    names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer") for s in ("", ".fp16", ".int8")}
     assert names | {"v_out.safetensors"} == set(m["artifacts"]) == set(m["files"])
     for name, a in m["artifacts"].items():
         assert m["files"][name] == manifests.sha256(exported / name)
@@ -115,8 +124,15 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
 def test_gates_recorded_and_no_gate_marked(exported):
     m = _manifest(exported)
     names = {g["name"] for g in m["gates"]}
-    assert {"fp32_parity", "fp16_auc_ranking", "fp16_auc_split", "int8_auc_ranking", "int8_logloss_ranking",
-            "int8_size", "tensorrt_lint"} <= names
+    assert {
+        "fp32_parity",
+        "fp16_auc_ranking",
+        "fp16_auc_split",
+        "int8_auc_ranking",
+        "int8_logloss_ranking",
+        "int8_size",
+        "tensorrt_lint",
+    } <= names
     assert m["gated"] is False
     # tiny tables: the size gate misses here by construction, so the override must be on record
     assert not m["gates_passed"] and "int8_size" in m["gate_override"]
@@ -140,8 +156,10 @@ def _producers(model):
 
 def _elem_types(model):
     model = onnx.shape_inference.infer_shapes(model)
-    return {v.name: v.type.tensor_type.elem_type for v in
-            list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)
+    }
 
 
 def test_fp16_keeps_softmax_mask_and_sigmoid_in_fp32(exported):
@@ -169,8 +187,11 @@ def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
             for x in n.input:
                 assert x not in prod or prod[x].op_type != "DequantizeLinear", n.name
     # the embedding tables are stored INT8; the final logit layer keeps FP32 weights
-    tables = [t for t in m.graph.initializer if t.name.startswith("model.tables.") and "weight" in t.name
-              and not t.name.endswith(("_scale", "_zero_point"))]
+    tables = [
+        t
+        for t in m.graph.initializer
+        if t.name.startswith("model.tables.") and "weight" in t.name and not t.name.endswith(("_scale", "_zero_point"))
+    ]
     assert tables and all(t.data_type == onnx.TensorProto.INT8 for t in tables)
     last = [n for n in m.graph.node if n.op_type == "Gemm"][-1]
     assert prod.get(last.input[1]) is None or prod[last.input[1]].op_type != "DequantizeLinear"
@@ -204,24 +225,30 @@ def test_lint_catches_what_tensorrt_rejects():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
     nz = helper.make_tensor_value_info("nz", TensorProto.INT64, [1, None])
-    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
-             helper.make_tensor("zp", TensorProto.INT8, [], [3])]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
-             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dq"),
-             helper.make_node("DynamicQuantizeLinear", ["x"], ["a", "b", "c"], name="dyn"),
-             helper.make_node("NonZero", ["x"], ["nz"], name="nonzero"),
-             helper.make_node("Relu", ["dq"], ["y"], name="relu")]
-    model = helper.make_model(helper.make_graph(nodes, "bad", [x], [y, nz], inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("zp", TensorProto.INT8, [], [3])]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"], name="dq"),
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["a", "b", "c"], name="dyn"),
+        helper.make_node("NonZero", ["x"], ["nz"], name="nonzero"),
+        helper.make_node("Relu", ["dq"], ["y"], name="relu"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "bad", [x], [y, nz], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     problems = " | ".join(lint(model).problems)
     assert "zero point is not 0" in problems
     assert "DynamicQuantizeLinear" in problems
     assert "depends on the data" in problems
-    old = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "old", [x], [y]),
-                            opset_imports=[helper.make_opsetid("", 8)])
+    old = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "old", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 8)],
+    )
     assert any("outside the parser's range" in p for p in lint(old).problems)
-    odd = helper.make_model(helper.make_graph([helper.make_node("MatMulInteger", ["x", "x"], ["y"])], "mmi",
-                                              [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    odd = helper.make_model(
+        helper.make_graph([helper.make_node("MatMulInteger", ["x", "x"], ["y"])], "mmi", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     assert any("not supported" in p for p in lint(odd).problems)
 
 
@@ -284,24 +311,34 @@ def test_calibration_schema_mismatch(tiny_run, tmp_path):
     wrong = tmp_path / "wrong.h5"
     with Writer(wrong, behavior_fields=["item"]) as w:
         first = w.add_sequences(lengths=[2] * 100, item=np.arange(1, 201))
-        w.add_examples(seq=first + np.arange(100), end=np.full(100, 2), user=np.arange(100),
-                       label=np.zeros(100, np.int8), target={"item": np.arange(100)})
+        w.add_examples(
+            seq=first + np.arange(100),
+            end=np.full(100, 2),
+            user=np.arange(100),
+            label=np.zeros(100, np.int8),
+            target={"item": np.arange(100)},
+        )
     out = tmp_path / "o"
-    _assert_one_line_error(runner.invoke(app, ["export", str(tiny_run), "--out", str(out), "--int8",
-                                               "--calib-data", str(wrong)]), "wrong.h5", "lacks")
+    _assert_one_line_error(
+        runner.invoke(app, ["export", str(tiny_run), "--out", str(out), "--int8", "--calib-data", str(wrong)]),
+        "wrong.h5",
+        "lacks",
+    )
     assert not out.exists()
 
 
 def test_too_few_calibration_rows(tiny_run, tiny_data, tmp_path):
     out = tmp_path / "o"
-    _assert_one_line_error(runner.invoke(app, ["export", str(tiny_run), "--out", str(out), "--int8",
-                                               "--calib-rows", "10"]), "too few")
+    _assert_one_line_error(
+        runner.invoke(app, ["export", str(tiny_run), "--out", str(out), "--int8", "--calib-rows", "10"]), "too few"
+    )
     assert not out.exists()
 
 
 def test_bad_calib_method(tiny_run, tmp_path):
-    res = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "o"), "--int8", "--calib-method",
-                              "median"])
+    res = runner.invoke(
+        app, ["export", str(tiny_run), "--out", str(tmp_path / "o"), "--int8", "--calib-method", "median"]
+    )
     assert res.exit_code == 2 and "Traceback" not in res.output  # the parser refuses it, before any work
     assert "--calib-method" in res.output and "minmax" in res.output
     assert not (tmp_path / "o").exists()
@@ -335,8 +372,9 @@ def test_tensorrt_engine_matches_onnxruntime(exported, tiny_run, tiny_data, tmp_
     gs = GraphSpec.of(b.model)
     plan = tmp_path / f"ranking.{precision}.plan"
     info = trt_mod.build_engine(exported / f"ranking.{precision}.onnx", plan, cache_dir=tmp_path / "cache")
-    again = trt_mod.build_engine(exported / f"ranking.{precision}.onnx", tmp_path / "again.plan",
-                                 cache_dir=tmp_path / "cache")
+    again = trt_mod.build_engine(
+        exported / f"ranking.{precision}.onnx", tmp_path / "again.plan", cache_dir=tmp_path / "cache"
+    )
     assert not info["cache_hit"] and again["cache_hit"]
     batch = _edge_batch(tiny_data, b, 37)
     feeds = to_feeds(batch, gs, "ranking")
@@ -360,8 +398,10 @@ def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
     # kernels, whose sums saturate on x86 CPUs without VNNI unless told not to (X64_PRECISION)
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    a, c = (ort.InferenceSession(m.SerializeToString(), plain, providers=["CPUExecutionProvider"])
-            .run(["ctr"], feeds)[0] for m in (stored, cpu))
+    a, c = (
+        ort.InferenceSession(m.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(["ctr"], feeds)[0]
+        for m in (stored, cpu)
+    )
     assert np.abs(a - c).max() <= 1e-6  # the rewrite itself
     # and what every dmrx CPU consumer runs: the rearrangement on fused integer kernels, on any CPU
     s = session(stored)
@@ -380,12 +420,28 @@ def test_every_gate_passes_on_a_trained_model(tmp_path_factory):
     from dmrx.training.trainer import TrainConfig, train
 
     data = tmp_path_factory.mktemp("gate_data")
-    generate(data, SyntheticConfig(users=2000, items=3000, cates=50, brands=300, mean_len=30, max_len=80,
-                                   impressions_per_user=15, candidates_per_user=2, seed=3))
+    generate(
+        data,
+        SyntheticConfig(
+            users=2000,
+            items=3000,
+            cates=50,
+            brands=300,
+            mean_len=30,
+            max_len=80,
+            impressions_per_user=15,
+            candidates_per_user=2,
+            seed=3,
+        ),
+    )
     run = tmp_path_factory.mktemp("gate_runs") / "run"
-    train(data / "train.h5", data / "valid.h5", run,
-          DMRConfig(embed_dim=16, attn_hidden=32, mlp=(64, 32), num_negatives=200, max_len=30),
-          TrainConfig(epochs=1, batch_size=128, max_steps=250, log_every=50))
+    train(
+        data / "train.h5",
+        data / "valid.h5",
+        run,
+        DMRConfig(embed_dim=16, attn_hidden=32, mlp=(64, 32), num_negatives=200, max_len=30),
+        TrainConfig(epochs=1, batch_size=128, max_steps=250, log_every=50),
+    )
     out = tmp_path_factory.mktemp("gate_export") / "e"
     m = export_run(run, ExportOptions(out=out, fp16=True, int8=True, check_tensorrt=True, calib_rows=2048))
     assert m["gates_passed"] and m["gated"] and "gate_override" not in m

@@ -31,8 +31,11 @@ def make_data(rng: np.random.Generator, n_seq: int, n_ex: int, max_seq_len: int 
     seq = rng.integers(0, n_seq, n_ex)
     end = np.floor(rng.random(n_ex) * (lengths[seq] + 1)).astype(np.int64)
     examples = dict(
-        seq=seq, end=end, user=rng.integers(0, 100, n_ex),
-        label=rng.integers(0, 2, n_ex).astype(np.int8), prob=rng.random(n_ex).astype(np.float32),
+        seq=seq,
+        end=end,
+        user=rng.integers(0, 100, n_ex),
+        label=rng.integers(0, 2, n_ex).astype(np.int8),
+        prob=rng.random(n_ex).astype(np.float32),
         profile={"age": rng.integers(1, 8, n_ex)},
         target={"item": rng.integers(0, high, n_ex), "cate": rng.integers(0, 50, n_ex)},
         context={"row": np.arange(n_ex)},  # identifies rows in shuffled batches
@@ -48,7 +51,7 @@ def reference_history(behaviors, lengths, seq, end, max_len):
     for i, (s, e) in enumerate(zip(seq.tolist(), end.tolist(), strict=True)):
         visible = min(e, max_len)
         for f, values in behaviors.items():
-            row = list(values[offsets[s] + e - visible: offsets[s] + e])
+            row = list(values[offsets[s] + e - visible : offsets[s] + e])
             out[f][i] = [0] * (max_len - visible) + row
     return out
 
@@ -88,12 +91,13 @@ def test_round_trip_exact_with_chunked_writes(tmp_path):
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     with Writer(path, FIELDS, attrs={"source": "unit", "seed": 3}) as w:
         for a, b in ((0, 10), (10, 10), (10, 30)):  # includes an empty chunk
-            part = {f: v[offsets[a]:offsets[b]] for f, v in behaviors.items()}
+            part = {f: v[offsets[a] : offsets[b]] for f, v in behaviors.items()}
             first = w.add_sequences(lengths[a:b], **part)
             assert first == a
         for a, b in ((0, 33), (33, 33), (33, 80)):
-            part = {k: ({f: x[a:b] for f, x in v.items()} if isinstance(v, dict) else v[a:b])
-                    for k, v in examples.items()}
+            part = {
+                k: ({f: x[a:b] for f, x in v.items()} if isinstance(v, dict) else v[a:b]) for k, v in examples.items()
+            }
             w.add_examples(**part)
     with DataFile(path) as d:
         assert d.n_rows == 80 and d.n_sequences == 30 and d.n_behaviors == int(lengths.sum())
@@ -135,12 +139,23 @@ def test_writer_takes_plain_lists_and_optional_groups(tmp_path):
 
 # ---- history assembly against the naive reference ----------------------------------------------------------
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data_seed=st.integers(0, 2**32 - 1), n_seq=st.integers(1, 12), n_ex=st.integers(0, 70),
-       max_len=st.integers(1, 9), batch_size=st.integers(1, 9), chunk_rows=st.integers(1, 40),
-       shuffle=st.booleans(), seed=st.integers(0, 3), start_batch=st.integers(0, 4), world=st.integers(1, 3),
-       big=st.booleans(), merge_gap=st.sampled_from([0, 4, 1 << 16]))
-def test_batches_match_naive_reference(data_seed, n_seq, n_ex, max_len, batch_size, chunk_rows, shuffle, seed,
-                                       start_batch, world, big, merge_gap):
+@given(
+    data_seed=st.integers(0, 2**32 - 1),
+    n_seq=st.integers(1, 12),
+    n_ex=st.integers(0, 70),
+    max_len=st.integers(1, 9),
+    batch_size=st.integers(1, 9),
+    chunk_rows=st.integers(1, 40),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+    start_batch=st.integers(0, 4),
+    world=st.integers(1, 3),
+    big=st.booleans(),
+    merge_gap=st.sampled_from([0, 4, 1 << 16]),
+)
+def test_batches_match_naive_reference(
+    data_seed, n_seq, n_ex, max_len, batch_size, chunk_rows, shuffle, seed, start_batch, world, big, merge_gap
+):
     rng = np.random.default_rng(data_seed)
     behaviors, lengths, examples = make_data(rng, n_seq, n_ex, big=big)
     ref = reference_history(behaviors, lengths, examples["seq"], examples["end"], max_len)
@@ -149,8 +164,7 @@ def test_batches_match_naive_reference(data_seed, n_seq, n_ex, max_len, batch_si
         write_dataset(tmp / "d.h5", behaviors, lengths, examples)
         # merge_gap: how far apart two needed behaviour ranges may be and still be read as one slice
         with mock.patch("dmrx.data.reader._MERGE_GAP", merge_gap), DataFile(tmp / "d.h5") as d:
-            kw = dict(batch_size=batch_size, max_len=max_len, shuffle=shuffle, seed=seed,
-                      chunk_rows=chunk_rows)
+            kw = dict(batch_size=batch_size, max_len=max_len, shuffle=shuffle, seed=seed, chunk_rows=chunk_rows)
             everything = list(d.batches(**kw))
             assert len(everything) == d.n_batches(batch_size, chunk_rows)
             seen = [check_batch(b, ref, examples, max_len) for b in everything]
@@ -179,8 +193,10 @@ def test_batches_match_naive_reference(data_seed, n_seq, n_ex, max_len, batch_si
 
 def test_epochs_and_seeds_reshuffle(small_file):
     with DataFile(small_file[0]) as d:
+
         def order(**kw):
             return np.concatenate([b["context/row"] for b in d.batches(batch_size=5, shuffle=True, **kw)])
+
         assert not np.array_equal(order(epoch=0), order(epoch=1))
         assert not np.array_equal(order(seed=0), order(seed=1))
         assert np.array_equal(order(seed=2, epoch=3), order(seed=2, epoch=3))
@@ -204,8 +220,7 @@ def test_encoder_hook_applied_once_and_consistently(small_file, shuffle):
             total += len(rows)
     assert total == 50
     # integer columns and behaviour fields go through the hook; seq/end/label/prob/dense never do
-    assert set(calls) == {"hist/item", "hist/cate", "user", "profile/age", "target/item", "target/cate",
-                          "context/row"}
+    assert set(calls) == {"hist/item", "hist/cate", "user", "profile/age", "target/item", "target/cate", "context/row"}
     assert calls.count("user") == 4  # once per chunk (50 rows, chunks of 14), not per batch
 
 
@@ -214,8 +229,12 @@ def test_vocab_encoder_through_reader(small_file):
     vocab = Vocab.build(values=behaviors["item"][: len(behaviors["item"]) // 2])  # half the ids are unknown
     ref = reference_history(behaviors, lengths, examples["seq"], examples["end"], 5)
     with DataFile(path) as d:
-        for b in d.batches(batch_size=9, max_len=5, shuffle=True,
-                           encoder=lambda k, v: vocab.encode(v) if k in ("hist/item", "target/item") else v):
+        for b in d.batches(
+            batch_size=9,
+            max_len=5,
+            shuffle=True,
+            encoder=lambda k, v: vocab.encode(v) if k in ("hist/item", "target/item") else v,
+        ):
             rows = b["context/row"]
             visible = np.arange(5) >= 5 - b["hist_len"][:, None]
             want = np.where(visible, vocab.encode(ref["item"][rows]), 0)
@@ -238,8 +257,9 @@ def test_keys_and_behavior_fields_select(small_file):
 def test_empty_files_read_as_zero_batches(tmp_path):
     with Writer(tmp_path / "nothing.h5", ["item"]):
         pass
-    write_dataset(tmp_path / "no_examples.h5", {"item": [1, 2, 3]}, [3],
-                  dict(seq=[], end=[], user=[], target={"item": []}))
+    write_dataset(
+        tmp_path / "no_examples.h5", {"item": [1, 2, 3]}, [3], dict(seq=[], end=[], user=[], target={"item": []})
+    )
     for name in ("nothing.h5", "no_examples.h5"):
         with DataFile(tmp_path / name) as d:
             assert d.n_rows == 0
@@ -249,8 +269,12 @@ def test_empty_files_read_as_zero_batches(tmp_path):
 
 
 def test_all_histories_empty_and_all_full(tmp_path):
-    write_dataset(tmp_path / "e.h5", {"item": np.arange(1, 11)}, [10],
-                  dict(seq=[0, 0, 0, 0], end=[0, 0, 10, 3], user=[1, 1, 1, 1]))
+    write_dataset(
+        tmp_path / "e.h5",
+        {"item": np.arange(1, 11)},
+        [10],
+        dict(seq=[0, 0, 0, 0], end=[0, 0, 10, 3], user=[1, 1, 1, 1]),
+    )
     with DataFile(tmp_path / "e.h5") as d:
         b = next(d.batches(batch_size=2, max_len=4))
         assert b["hist/item"].tolist() == [[0, 0, 0, 0]] * 2 and b["hist_len"].tolist() == [0, 0]
@@ -260,12 +284,18 @@ def test_all_histories_empty_and_all_full(tmp_path):
 
 # ---- HistoryReader: histories by (seq, end) -----------------------------------------------------------------
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data_seed=st.integers(0, 2**32 - 1), n_seq=st.integers(1, 12), n_req=st.integers(0, 40),
-       max_len=st.integers(1, 9), merge_gap=st.sampled_from([0, 1, 4, 1 << 16]),
-       seen=st.sampled_from([None, "item", "cate"]), fields=st.sampled_from([["item", "cate"], ["cate"]]),
-       encode=st.booleans(), big=st.booleans())
-def test_history_reader_matches_naive_reference(data_seed, n_seq, n_req, max_len, merge_gap, seen, fields,
-                                                encode, big):
+@given(
+    data_seed=st.integers(0, 2**32 - 1),
+    n_seq=st.integers(1, 12),
+    n_req=st.integers(0, 40),
+    max_len=st.integers(1, 9),
+    merge_gap=st.sampled_from([0, 1, 4, 1 << 16]),
+    seen=st.sampled_from([None, "item", "cate"]),
+    fields=st.sampled_from([["item", "cate"], ["cate"]]),
+    encode=st.booleans(),
+    big=st.booleans(),
+)
+def test_history_reader_matches_naive_reference(data_seed, n_seq, n_req, max_len, merge_gap, seen, fields, encode, big):
     """Windows as DataFile.batches builds them and each history's visible ids, for (seq, end) in any order
     (repeats, empty and whole sequences included), whatever slices the merge gap reads them in."""
     rng = np.random.default_rng(data_seed)
@@ -279,8 +309,10 @@ def test_history_reader_matches_naive_reference(data_seed, n_seq, n_req, max_len
     tmp = Path(tempfile.mkdtemp())
     try:
         write_dataset(tmp / "d.h5", behaviors, lengths, examples)
-        with mock.patch("dmrx.data.reader._MERGE_GAP", merge_gap), \
-                HistoryReader(tmp / "d.h5", fields, max_len, enc, seen) as reader:
+        with (
+            mock.patch("dmrx.data.reader._MERGE_GAP", merge_gap),
+            HistoryReader(tmp / "d.h5", fields, max_len, enc, seen) as reader,
+        ):
             batch, got_seen = reader.read(seq, end)
     finally:
         shutil.rmtree(tmp)
@@ -296,7 +328,7 @@ def test_history_reader_matches_naive_reference(data_seed, n_seq, n_req, max_len
     else:
         assert len(got_seen) == n_req
         for s, e, ids in zip(seq.tolist(), end.tolist(), got_seen, strict=True):
-            want = behaviors[seen][offsets[s]: offsets[s] + e]
+            want = behaviors[seen][offsets[s] : offsets[s] + e]
             assert ids.dtype == np.int64
             np.testing.assert_array_equal(ids, want * 2 + 1 if encode else want)
 
@@ -310,7 +342,7 @@ def test_merged_slices_read_through_gaps_up_to_the_merge_gap(gap, slices):
     assert got == slices
     rows = np.concatenate([np.arange(a, b) for a, b in got])
     for i in range(len(lo)):  # each range is found where raw says, whole
-        np.testing.assert_array_equal(rows[raw[i]: raw[i] + hi[i] - lo[i]], np.arange(lo[i], hi[i]))
+        np.testing.assert_array_equal(rows[raw[i] : raw[i] + hi[i] - lo[i]], np.arange(lo[i], hi[i]))
 
 
 def test_merged_slices_overlapping_nested_and_repeated_ranges():
@@ -351,8 +383,7 @@ def test_vocab_encode_decode():
 
 
 @settings(max_examples=40, deadline=None)
-@given(ids=st.sets(st.integers(0, 5000), max_size=60),
-       raw=st.lists(st.integers(-10, 6000), max_size=80))
+@given(ids=st.sets(st.integers(0, 5000), max_size=60), raw=st.lists(st.integers(-10, 6000), max_size=80))
 def test_vocab_table_and_searchsorted_paths_agree(ids, raw):
     ids = np.array(sorted(ids), np.int64)
     dense = Vocab(ids)
@@ -376,6 +407,7 @@ def _replace(name, data):
     def fn(h5):
         del h5[name]
         h5[name] = data
+
     return fn
 
 
@@ -384,6 +416,7 @@ def _set(name, index, value):
         arr = h5[name][:]
         arr[index] = value
         h5[name][:] = arr
+
     return fn
 
 
@@ -397,12 +430,9 @@ def _read_all(path):
 BAD_FILES = {
     # name: (edit, expected message parts)
     "missing dataset": (lambda h5: h5.__delitem__("examples/end"), ["missing dataset examples/end"]),
-    "float ids": (_replace("examples/user", np.arange(50, dtype=np.float64)),
-                  ["examples/user", "integer", "float64"]),
-    "2-D behaviours": (_replace("behaviors/item", np.zeros((5, 2), np.int64)),
-                       ["behaviors/item", "one-dimensional"]),
-    "wrong row count": (_replace("examples/target/item", np.zeros(49, np.int64)),
-                        ["examples/target/item", "49 rows"]),
+    "float ids": (_replace("examples/user", np.arange(50, dtype=np.float64)), ["examples/user", "integer", "float64"]),
+    "2-D behaviours": (_replace("behaviors/item", np.zeros((5, 2), np.int64)), ["behaviors/item", "one-dimensional"]),
+    "wrong row count": (_replace("examples/target/item", np.zeros(49, np.int64)), ["examples/target/item", "49 rows"]),
     "end beyond sequence": (_set("examples/end", 7, 10_000), ["examples/end row 7", "beyond"]),
     "seq out of range": (_set("examples/seq", 11, 999), ["examples/seq row 11", "does not exist"]),
     "negative example id": (_set("examples/target/item", 3, -5), ["examples/target/item row 3", "negative"]),
@@ -467,8 +497,15 @@ def test_corrupt_chunk_names_dataset(small_file):
 
 # ---- bad inputs through the Writer -------------------------------------------------------------------------
 def _ok_examples(**over):
-    ex = dict(seq=[0, 1], end=[2, 1], user=[1, 2], label=[1, 0], prob=[0.5, 0.25],
-              target={"item": [3, 8]}, dense={"price": [1.0, 2.0]})
+    ex = dict(
+        seq=[0, 1],
+        end=[2, 1],
+        user=[1, 2],
+        label=[1, 0],
+        prob=[0.5, 0.25],
+        target={"item": [3, 8]},
+        dense={"price": [1.0, 2.0]},
+    )
     ex.update(over)
     return ex
 

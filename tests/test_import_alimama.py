@@ -22,18 +22,29 @@ HEADERS = {
     "raw_sample.csv": "user,time_stamp,adgroup_id,pid,nonclk,clk",
     "ad_feature.csv": "adgroup_id,cate_id,campaign_id,customer,brand,price",
     "user_profile.csv": "userid,cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,"
-                        "shopping_level,occupation,new_user_class_level ",  # the real header ends in a space
+    "shopping_level,occupation,new_user_class_level ",  # the real header ends in a space
     "behavior_log.csv": "user,time_stamp,btag,cate,brand",
 }
 TINY = {
-    "raw_sample.csv": [f"1,{T + 50},501,430548_1007,1,0", f"1,{T + 60},502,430539_1007,0,1",
-                       f"2,{T + 5},501,430548_1007,1,0", f"3,{T + DAY},502,430548_1007,1,0",
-                       f"1,{T + 7 * DAY + 10},501,430548_1007,0,1", f"2,{T + 7 * DAY},502,430539_1007,1,0"],
+    "raw_sample.csv": [
+        f"1,{T + 50},501,430548_1007,1,0",
+        f"1,{T + 60},502,430539_1007,0,1",
+        f"2,{T + 5},501,430548_1007,1,0",
+        f"3,{T + DAY},502,430548_1007,1,0",
+        f"1,{T + 7 * DAY + 10},501,430548_1007,0,1",
+        f"2,{T + 7 * DAY},502,430539_1007,1,0",
+    ],
     "ad_feature.csv": ["501,7,301,401,NULL,10.0", "502,8,302,402,202,0.5"],
     "user_profile.csv": ["1,11,2,1,3,1,2,0,4", "2,0,,1,,,3,1,"],
-    "behavior_log.csv": [f"1,{T - 100},pv,10,100", f"1,{T + 50},cart,11,NULL", f"2,{T - 10},buy,12,102",
-                         f"1,{T + 50},fav,13,103", f"1,{T + 7 * DAY + 5},pv,14,104", f"9,{T},pv,1,1",
-                         f"1,{T + 7 * DAY + 1000},pv,15,105"],
+    "behavior_log.csv": [
+        f"1,{T - 100},pv,10,100",
+        f"1,{T + 50},cart,11,NULL",
+        f"2,{T - 10},buy,12,102",
+        f"1,{T + 50},fav,13,103",
+        f"1,{T + 7 * DAY + 5},pv,14,104",
+        f"9,{T},pv,1,1",
+        f"1,{T + 7 * DAY + 1000},pv,15,105",
+    ],
 }
 
 
@@ -51,7 +62,7 @@ def read_rows(path: Path, max_len: int = 50) -> list[dict]:
             for i in range(len(b["user"])):
                 n = int(b["hist_len"][i])
                 row = {k: v[i].item() for k, v in b.items() if v.ndim == 1}
-                hist = [b[f"hist/{f}"][i, max_len - n:].tolist() for f in ("btag", "cate", "brand")]
+                hist = [b[f"hist/{f}"][i, max_len - n :].tolist() for f in ("btag", "cate", "brand")]
                 row["hist"] = list(zip(*hist, strict=True))
                 rows.append(row)
     return rows
@@ -74,8 +85,14 @@ def test_tiny_exact(tmp_path):
     assert test[1, 501]["hist"] == [(1, 10, 100), (2, 11, 0), (3, 13, 103), (1, 14, 104)]
     assert test[2, 502]["hist"] == [(4, 12, 102)]
     r = train[1, 502]
-    assert (r["label"], r["context/pid"], r["target/cate"], r["target/brand"], r["target/campaign"],
-            r["target/customer"]) == (1.0, 1, 8, 202, 302, 402)
+    assert (
+        r["label"],
+        r["context/pid"],
+        r["target/cate"],
+        r["target/brand"],
+        r["target/campaign"],
+        r["target/customer"],
+    ) == (1.0, 1, 8, 202, 302, 402)
     assert r["dense/price"] == pytest.approx(math.log1p(0.5))
     assert [r[f"profile/{f}"] for f in PROFILE_FIELDS] == [11, 2, 1, 3, 1, 2, 0, 4]
     r = train[2, 501]
@@ -100,31 +117,40 @@ def test_crlf_no_final_newline_and_tiny_chunks(tmp_path):
     for split in ("train", "test"):
         a = read_rows(tmp_path / "a" / f"{split}.h5")
         b = read_rows(tmp_path / "b" / f"{split}.h5")
-        assert sorted(a, key=lambda r: (r["user"], r["target/item"])) == \
-            sorted(b, key=lambda r: (r["user"], r["target/item"]))
+        assert sorted(a, key=lambda r: (r["user"], r["target/item"])) == sorted(
+            b, key=lambda r: (r["user"], r["target/item"])
+        )
 
 
 def random_raw(d: Path, rng: np.random.Generator, n_beh: int = 3000, n_imp: int = 500) -> Path:
     users = rng.choice(np.arange(1, 10**6), 40, replace=False)
     ads = rng.choice(np.arange(1, 10**6), 30, replace=False)
     files = {
-        "ad_feature.csv": [f"{a},{rng.integers(1, 50)},{rng.integers(1, 9)},{rng.integers(1, 9)},"
-                           f"{rng.choice(['NULL', str(rng.integers(1, 99))])},{rng.random() * 100:.2f}"
-                           for a in ads],
+        "ad_feature.csv": [
+            f"{a},{rng.integers(1, 50)},{rng.integers(1, 9)},{rng.integers(1, 9)},"
+            f"{rng.choice(['NULL', str(rng.integers(1, 99))])},{rng.random() * 100:.2f}"
+            for a in ads
+        ],
         "user_profile.csv": [f"{u}," + ",".join(rng.choice(["", "1", "2", "3"], 8)) for u in users[:30]],
-        "raw_sample.csv": [f"{rng.choice(users)},{T + rng.integers(0, 8 * DAY)},{rng.choice(ads)},"
-                           f"{rng.choice(['430548_1007', '430539_1007'])},0,{rng.integers(0, 2)}"
-                           for _ in range(n_imp)],
+        "raw_sample.csv": [
+            f"{rng.choice(users)},{T + rng.integers(0, 8 * DAY)},{rng.choice(ads)},"
+            f"{rng.choice(['430548_1007', '430539_1007'])},0,{rng.integers(0, 2)}"
+            for _ in range(n_imp)
+        ],
         # coarse timestamps so that ties (equal user and time) are common
-        "behavior_log.csv": [f"{rng.choice(users)},{T - 5 * DAY + 600 * rng.integers(0, 13 * 144)},"
-                             f"{rng.choice(['pv', 'cart', 'fav', 'buy'])},{rng.integers(1, 50)},"
-                             f"{rng.choice(['NULL', str(rng.integers(1, 99))])}" for _ in range(n_beh)],
+        "behavior_log.csv": [
+            f"{rng.choice(users)},{T - 5 * DAY + 600 * rng.integers(0, 13 * 144)},"
+            f"{rng.choice(['pv', 'cart', 'fav', 'buy'])},{rng.integers(1, 50)},"
+            f"{rng.choice(['NULL', str(rng.integers(1, 99))])}"
+            for _ in range(n_beh)
+        ],
     }
     return write_raw(d, files)
 
 
 def reference(src: Path, max_len: int) -> dict[str, list[tuple]]:
     """A plain-Python import: what every example should hold."""
+
     def rows(name):
         with open(src / name, newline="") as f:
             return [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
@@ -152,10 +178,22 @@ def reference(src: Path, max_len: int) -> dict[str, list[tuple]]:
         t = int(r["time_stamp"])
         hist = [x[2] for x in beh[r["user"]] if x[0] < t][-max_len:]
         a, p = ads[r["adgroup_id"]], prof.get(r["user"], {})
-        out[split].append((int(r["user"]), t, int(r["adgroup_id"]), float(r["clk"]), pids.index(r["pid"]) + 1,
-                           num(a["cate_id"]), num(a["brand"]), int(a["campaign_id"]), int(a["customer"]),
-                           round(math.log1p(float(a["price"])), 4),
-                           tuple(num(p.get(f, "")) for f in PROFILE_FIELDS), tuple(hist)))
+        out[split].append(
+            (
+                int(r["user"]),
+                t,
+                int(r["adgroup_id"]),
+                float(r["clk"]),
+                pids.index(r["pid"]) + 1,
+                num(a["cate_id"]),
+                num(a["brand"]),
+                int(a["campaign_id"]),
+                int(a["customer"]),
+                round(math.log1p(float(a["price"])), 4),
+                tuple(num(p.get(f, "")) for f in PROFILE_FIELDS),
+                tuple(hist),
+            )
+        )
     return out
 
 
@@ -167,10 +205,22 @@ def test_matches_reference(tmp_path, chunk_rows, max_len):
         assert summary["buckets"] > 1  # the external sort path with several buckets
     want = reference(src, max_len)
     for split in ("train", "test"):
-        got = [(r["user"], r["target/item"], r["label"], r["context/pid"], r["target/cate"],
-                r["target/brand"], r["target/campaign"], r["target/customer"], round(r["dense/price"], 4),
-                tuple(r[f"profile/{f}"] for f in PROFILE_FIELDS), tuple(r["hist"]))
-               for r in read_rows(tmp_path / "out" / f"{split}.h5", max_len=max_len)]
+        got = [
+            (
+                r["user"],
+                r["target/item"],
+                r["label"],
+                r["context/pid"],
+                r["target/cate"],
+                r["target/brand"],
+                r["target/campaign"],
+                r["target/customer"],
+                round(r["dense/price"], 4),
+                tuple(r[f"profile/{f}"] for f in PROFILE_FIELDS),
+                tuple(r["hist"]),
+            )
+            for r in read_rows(tmp_path / "out" / f"{split}.h5", max_len=max_len)
+        ]
         # the file has no timestamps: compare as multisets keyed without the time
         assert sorted(got) == sorted(w[:1] + w[2:] for w in want[split])
 
@@ -181,25 +231,41 @@ def edit(name: str, rows: list[str]):
 
 
 BAD = [
-    ("field count", edit("behavior_log.csv", TINY["behavior_log.csv"][:2] + ["1,5,pv,10"]),
-     "behavior_log.csv: line 4: expected 5 comma-separated fields, found 4"),
+    (
+        "field count",
+        edit("behavior_log.csv", TINY["behavior_log.csv"][:2] + ["1,5,pv,10"]),
+        "behavior_log.csv: line 4: expected 5 comma-separated fields, found 4",
+    ),
     ("bad user", edit("raw_sample.csv", ["1x,5,501,430548_1007,1,0"]), "raw_sample.csv: line 2, column user"),
-    ("bad btag", edit("behavior_log.csv", TINY["behavior_log.csv"] + [f"1,{T},click,1,1"]),
-     "behavior_log.csv: line 9, column btag: 'click'"),
-    ("bad label", edit("raw_sample.csv", TINY["raw_sample.csv"] + [f"1,{T},501,430548_1007,0,2"]),
-     "raw_sample.csv: line 8, column clk"),
-    ("unknown ad", edit("raw_sample.csv", [f"1,{T},777,430548_1007,1,0"]),
-     "raw_sample.csv: line 2, column adgroup_id: '777' is not in ad_feature.csv"),
-    ("duplicate ad", edit("ad_feature.csv", TINY["ad_feature.csv"] + ["501,1,1,1,1,1.0"]),
-     "ad_feature.csv: line 4, column adgroup_id: 501 appears again"),
+    (
+        "bad btag",
+        edit("behavior_log.csv", TINY["behavior_log.csv"] + [f"1,{T},click,1,1"]),
+        "behavior_log.csv: line 9, column btag: 'click'",
+    ),
+    (
+        "bad label",
+        edit("raw_sample.csv", TINY["raw_sample.csv"] + [f"1,{T},501,430548_1007,0,2"]),
+        "raw_sample.csv: line 8, column clk",
+    ),
+    (
+        "unknown ad",
+        edit("raw_sample.csv", [f"1,{T},777,430548_1007,1,0"]),
+        "raw_sample.csv: line 2, column adgroup_id: '777' is not in ad_feature.csv",
+    ),
+    (
+        "duplicate ad",
+        edit("ad_feature.csv", TINY["ad_feature.csv"] + ["501,1,1,1,1,1.0"]),
+        "ad_feature.csv: line 4, column adgroup_id: 501 appears again",
+    ),
     ("bad price", edit("ad_feature.csv", ["501,7,301,401,NULL,ten"]), "ad_feature.csv: line 2, column price"),
-    ("negative id", edit("user_profile.csv", ["1,-1,2,1,3,1,2,0,4"]),
-     "user_profile.csv: line 2, column cms_segid"),
-    ("huge id", edit("behavior_log.csv", [f"1,{T},pv,1234567890123456789,1"]),
-     "behavior_log.csv: line 2, column cate"),
+    ("negative id", edit("user_profile.csv", ["1,-1,2,1,3,1,2,0,4"]), "user_profile.csv: line 2, column cms_segid"),
+    ("huge id", edit("behavior_log.csv", [f"1,{T},pv,1234567890123456789,1"]), "behavior_log.csv: line 2, column cate"),
     ("header only", edit("behavior_log.csv", []), "behavior_log.csv: no data rows"),
-    ("one day", edit("raw_sample.csv", TINY["raw_sample.csv"][:3]),
-     "raw_sample.csv: every impression falls on one day"),
+    (
+        "one day",
+        edit("raw_sample.csv", TINY["raw_sample.csv"][:3]),
+        "raw_sample.csv: every impression falls on one day",
+    ),
 ]
 
 

@@ -17,8 +17,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPLITS = ("train", "valid", "test")
 
 SEQUENCES = "1 10 11 12 13 14\n2 11 15 16\n\n3 20 21\n"
-ATTRIBUTES = {"10": [100, 5, 6], "11": [5, 7], "12": [101, 5], "13": [103], "14": [], "15": [102, 8, 9],
-              "16": [100, 6], "20": [7]}  # 21 is missing
+ATTRIBUTES = {
+    "10": [100, 5, 6],
+    "11": [5, 7],
+    "12": [101, 5],
+    "13": [103],
+    "14": [],
+    "15": [102, 8, 9],
+    "16": [100, 6],
+    "20": [7],
+}  # 21 is missing
 # by the rule: non-first ids {5, 6, 7, 8, 9}; brand = first when not among them, cate = last
 CATE = {10: 6, 11: 7, 12: 5, 13: 0, 14: 0, 15: 9, 16: 6, 20: 7, 21: 0}
 BRAND = {10: 100, 11: 0, 12: 101, 13: 103, 14: 0, 15: 102, 16: 100, 20: 0, 21: 0}
@@ -29,8 +37,9 @@ UNIVERSE = set().union(*ITEMS.values())
 def write_source(d: Path, seqs: str = SEQUENCES, attrs=None, name: str = "Toy") -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / f"{name}.txt").write_text(seqs)
-    (d / f"{name}_item2attributes.json").write_text(attrs if isinstance(attrs, str)
-                                                     else json.dumps(ATTRIBUTES if attrs is None else attrs))
+    (d / f"{name}_item2attributes.json").write_text(
+        attrs if isinstance(attrs, str) else json.dumps(ATTRIBUTES if attrs is None else attrs)
+    )
     return d
 
 
@@ -44,7 +53,7 @@ def read_rows(path: Path, max_len: int = 50) -> list[dict]:
                 row = {k: (v[i].item()) for k, v in b.items() if v.ndim == 1}
                 for k, v in b.items():
                     if v.ndim == 2:
-                        row[k] = v[i, max_len - n:].tolist()
+                        row[k] = v[i, max_len - n :].tolist()
                 rows.append(row)
     return rows
 
@@ -89,10 +98,13 @@ def test_item_fields_rule():
 
 def test_deterministic_and_seeded(tmp_path):
     rng = np.random.default_rng(0)
-    lines = [" ".join(map(str, [u, *rng.choice(np.arange(1, 200), rng.integers(5, 30), replace=False)]))
-             for u in range(1, 30)]
-    src = write_source(tmp_path / "src", "\n".join(lines) + "\n", {str(i): [i % 7 + 1, 50 + i % 11]
-                                                                  for i in range(1, 200)})
+    lines = [
+        " ".join(map(str, [u, *rng.choice(np.arange(1, 200), rng.integers(5, 30), replace=False)]))
+        for u in range(1, 30)
+    ]
+    src = write_source(
+        tmp_path / "src", "\n".join(lines) + "\n", {str(i): [i % 7 + 1, 50 + i % 11] for i in range(1, 200)}
+    )
     negatives = {}
     for run, seed in (("a", 1), ("b", 1), ("c", 2)):
         import_amazon(src, "Toy", tmp_path / run, seed=seed)
@@ -125,8 +137,7 @@ def test_real_beauty(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["users"] == 22363 and summary["items"] == 12101 and summary["interactions"] == 198502
-    assert summary["rows"] == {"train.h5": 2 * (198502 - 3 * 22363), "valid.h5": 2 * 22363,
-                               "test.h5": 2 * 22363}
+    assert summary["rows"] == {"train.h5": 2 * (198502 - 3 * 22363), "valid.h5": 2 * 22363, "test.h5": 2 * 22363}
     seqs = {}
     for line in (src / "Beauty.txt").read_text().splitlines():
         u, *items = map(int, line.split())
@@ -137,7 +148,7 @@ def test_real_beauty(tmp_path):
         items = seqs[int(b["user"][i])]
         n = int(b["hist_len"][i])
         assert b["target/item"][i] == items[-1] and b["label"][i] == 1
-        assert b["hist/item"][i, 50 - n:].tolist() == items[:-1][-50:]
+        assert b["hist/item"][i, 50 - n :].tolist() == items[:-1][-50:]
         assert b["target/item"][i + 1] not in items and b["label"][i + 1] == 0
 
 
@@ -157,8 +168,7 @@ BAD = [
 
 @pytest.mark.parametrize("case,seqs,attrs,message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input(tmp_path, case, seqs, attrs, message):
-    src = write_source(tmp_path / "src", SEQUENCES if seqs is None else seqs,
-                       attrs if attrs != "missing" else None)
+    src = write_source(tmp_path / "src", SEQUENCES if seqs is None else seqs, attrs if attrs != "missing" else None)
     if attrs == "missing":
         (src / "Toy_item2attributes.json").unlink()
     before = {p: p.read_bytes() for p in src.iterdir()}
@@ -172,8 +182,7 @@ def test_bad_input(tmp_path, case, seqs, attrs, message):
 
 
 def test_missing_dir(tmp_path):
-    result = CliRunner().invoke(app, ["data", "amazon", str(tmp_path / "nope"), "Toy", "--out",
-                                      str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["data", "amazon", str(tmp_path / "nope"), "Toy", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "nope: no such directory" in result.output
 
 

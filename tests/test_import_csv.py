@@ -32,7 +32,7 @@ def read_rows(path: Path, max_len: int = 50) -> list[dict]:
             for i in range(len(b["user"])):
                 n = int(b["hist_len"][i])
                 row = {k: v[i].item() for k, v in b.items() if v.ndim == 1}
-                row.update({k: v[i, max_len - n:].tolist() for k, v in b.items() if v.ndim == 2})
+                row.update({k: v[i, max_len - n :].tolist() for k, v in b.items() if v.ndim == 2})
                 rows.append(row)
     return rows
 
@@ -44,8 +44,9 @@ def run(*args: str):
 def test_defaults_exact(tmp_path):
     src = tmp_path / "t.csv"
     src.write_text(TABLE)
-    result = run(src, tmp_path / "o.h5", "--profile", "age", "--context", "pid", "--hash", "pid", "--dense",
-                 "price", "--json")
+    result = run(
+        src, tmp_path / "o.h5", "--profile", "age", "--context", "pid", "--hash", "pid", "--dense", "price", "--json"
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["rows"] == 5 and summary["history"] == {"item": "hist_item_id", "cate": "hist_cate_id"}
@@ -80,30 +81,67 @@ def test_no_sharing_across_chunks_still_exact(tmp_path):
 def test_explicit_mapping_tab_and_quotes(tmp_path):
     src = tmp_path / "t.tsv"
     src.write_text('uid\tclick\tad\thist\n1\t1\t"5"\t"1|2|3"\n2\t0\t6\t\n')
-    result = run(src, tmp_path / "o.h5", "--user-column", "uid", "--label", "click", "--target", "item=ad",
-                 "--history", "item=hist", "--sep", "|", "--delimiter", "tab")
+    result = run(
+        src,
+        tmp_path / "o.h5",
+        "--user-column",
+        "uid",
+        "--label",
+        "click",
+        "--target",
+        "item=ad",
+        "--history",
+        "item=hist",
+        "--sep",
+        "|",
+        "--delimiter",
+        "tab",
+    )
     assert result.exit_code == 0, result.output
     rows = read_rows(tmp_path / "o.h5")
-    assert [(r["user"], r["target/item"], r["hist/item"], r["label"]) for r in rows] == \
-        [(1, 5, [1, 2, 3], 1.0), (2, 6, [], 0.0)]
+    assert [(r["user"], r["target/item"], r["hist/item"], r["label"]) for r in rows] == [
+        (1, 5, [1, 2, 3], 1.0),
+        (2, 6, [], 0.0),
+    ]
 
 
 def test_helpers():
-    assert parse_mapping("item=item_id, cate = cate_id,brand", "--target") == \
-        {"item": "item_id", "cate": "cate_id", "brand": "brand"}
-    assert default_pairs(["user_id", "item_id", "hist_item_id", "hist_brand_id", "cate_id"]) == \
-        {"item": ("item_id", "hist_item_id")}
+    assert parse_mapping("item=item_id, cate = cate_id,brand", "--target") == {
+        "item": "item_id",
+        "cate": "cate_id",
+        "brand": "brand",
+    }
+    assert default_pairs(["user_id", "item_id", "hist_item_id", "hist_brand_id", "cate_id"]) == {
+        "item": ("item_id", "hist_item_id")
+    }
     assert hash_id("") == 0 and hash_id("430548_1007") == hash_id("430548_1007") > 0
 
 
 @pytest.mark.skipif(not FUXI.exists(), reason="no shared alimama fixtures")
 def test_fuxictr_fixture(tmp_path):
-    profile = "cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation," \
-              "new_user_class_level"
-    result = run(FUXI, tmp_path / "o.h5", "--user-column", "userid", "--label", "clk", "--history",
-                 "item=click_sequence", "--target",
-                 "item=adgroup_id,cate=cate_id,brand=brand,campaign=campaign_id,customer=customer",
-                 "--profile", profile, "--context", "pid", "--hash", "pid,time_stamp", "--dense", "price")
+    profile = (
+        "cms_segid,cms_group_id,final_gender_code,age_level,pvalue_level,shopping_level,occupation,new_user_class_level"
+    )
+    result = run(
+        FUXI,
+        tmp_path / "o.h5",
+        "--user-column",
+        "userid",
+        "--label",
+        "clk",
+        "--history",
+        "item=click_sequence",
+        "--target",
+        "item=adgroup_id,cate=cate_id,brand=brand,campaign=campaign_id,customer=customer",
+        "--profile",
+        profile,
+        "--context",
+        "pid",
+        "--hash",
+        "pid,time_stamp",
+        "--dense",
+        "price",
+    )
     assert result.exit_code == 0, result.output
     with open(FUXI, newline="") as f:
         want = list(csv.DictReader(f))
@@ -121,8 +159,9 @@ def test_fuxictr_fixture(tmp_path):
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    table = pa.table({"user_id": [1, 1, 2], "item_id": [5, 6, 7], "hist_item_id": [[], [5], [1, 2]],
-                      "label": [1, 0, 1]})
+    table = pa.table(
+        {"user_id": [1, 1, 2], "item_id": [5, 6, 7], "hist_item_id": [[], [5], [1, 2]], "label": [1, 0, 1]}
+    )
     pq.write_table(table, tmp_path / "t.parquet")
     summary = import_csv(tmp_path / "t.parquet", tmp_path / "o.h5")
     assert summary["rows"] == 3 and summary["sequences"] == 2
@@ -150,13 +189,21 @@ BAD = [
     ("bad label", HEADER + "1,2,,yes,1.0\n", [], "t.csv: line 2, column label: 'yes' is not a 0/1 label"),
     ("bad dense", HEADER + "1,2,,1,1.0\n1,2,,1,\n", ["--dense", "price"], "t.csv: line 3, column price"),
     ("inf dense", HEADER + "1,2,,1,inf\n", ["--dense", "price"], "t.csv: line 2, column price: 'inf'"),
-    ("missing column", HEADER + "1,2,,1,1.0\n", ["--profile", "age,gender"],
-     "t.csv: line 1: missing column(s) age, gender"),
+    (
+        "missing column",
+        HEADER + "1,2,,1,1.0\n",
+        ["--profile", "age,gender"],
+        "t.csv: line 1: missing column(s) age, gender",
+    ),
     ("no pairs", "user_id,item,label\n1,2,1\n", [], "t.csv: no history columns"),
     ("header only", HEADER, [], "t.csv: no data rows"),
     ("empty file", "", [], "t.csv: empty file"),
-    ("unequal histories", "user_id,item_id,cate_id,hist_item_id,hist_cate_id,label\n1,2,3,4^5,6,1\n", [],
-     "t.csv: line 2: history column hist_cate_id has 1 elements, hist_item_id has 2"),
+    (
+        "unequal histories",
+        "user_id,item_id,cate_id,hist_item_id,hist_cate_id,label\n1,2,3,4^5,6,1\n",
+        [],
+        "t.csv: line 2: history column hist_cate_id has 1 elements, hist_item_id has 2",
+    ),
     ("huge id", HEADER + "1,12345678901234567890,,1,1.0\n", [], "t.csv: line 2, column item_id"),
     ("bad quote", HEADER + '1,2,"4,1,1.0\n', [], "t.csv: line 2"),
 ]
@@ -183,9 +230,11 @@ def test_missing_file(tmp_path):
 def test_bad_options(tmp_path):
     src = tmp_path / "t.csv"
     src.write_text(TABLE)
-    for args, message in ((["--target", "it em=item_id"], "--target: 'it em' is not a valid field name"),
-                          (["--sep", ","], "must differ from the delimiter"),
-                          (["--history", "item="], "--history: field item names no column")):
+    for args, message in (
+        (["--target", "it em=item_id"], "--target: 'it em' is not a valid field name"),
+        (["--sep", ","], "must differ from the delimiter"),
+        (["--history", "item="], "--history: field item names no column"),
+    ):
         result = run(src, tmp_path / "o.h5", *args)
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "o.h5").exists()

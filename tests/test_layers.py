@@ -76,6 +76,9 @@ def test_imports_point_down():
 
 @pytest.mark.parametrize("upper", ["dmrx.export", "dmrx.calibration", "dmrx.cli"])
 def test_core_never_imports(upper):
-    core = [(p, t) for p, src, t in _imports()
-            if str(p).startswith("dmrx/") and src != "dmrx.__main__" and _unit(t) == upper]
+    core = [
+        (p, t)
+        for p, src, t in _imports()
+        if str(p).startswith("dmrx/") and src != "dmrx.__main__" and _unit(t) == upper
+    ]
     assert not core, core

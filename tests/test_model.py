@@ -12,13 +12,27 @@ T = 12
 
 
 def _spec(use_user_id=True) -> FeatureSpec:
-    tables = {"item": ["hist/item", "target/item"], "cate": ["hist/cate", "target/cate"], "btag": ["hist/btag"],
-              "profile_age": ["profile/age"], "context_pid": ["context/pid"]}
+    tables = {
+        "item": ["hist/item", "target/item"],
+        "cate": ["hist/cate", "target/cate"],
+        "btag": ["hist/btag"],
+        "profile_age": ["profile/age"],
+        "context_pid": ["context/pid"],
+    }
     if use_user_id:
         tables["user"] = ["user_index"]
-    return FeatureSpec(behaviors=["item", "cate", "btag"], target=["item", "cate"], profile=["age"],
-                       context=["pid"], dense=["price"], match_field="item", use_user_id=use_user_id,
-                       tables=tables, dense_mean={"price": 0.0}, dense_std={"price": 1.0})
+    return FeatureSpec(
+        behaviors=["item", "cate", "btag"],
+        target=["item", "cate"],
+        profile=["age"],
+        context=["pid"],
+        dense=["price"],
+        match_field="item",
+        use_user_id=use_user_id,
+        tables=tables,
+        dense_mean={"price": 0.0},
+        dense_std={"price": 1.0},
+    )
 
 
 SIZES = {"item": 50, "cate": 8, "btag": 5, "profile_age": 4, "context_pid": 3, "user": 20}
@@ -36,11 +50,18 @@ def _batch(B=6, lengths=None, seed=0) -> dict[str, torch.Tensor]:
     B = len(lengths)
     mask = torch.arange(T).unsqueeze(0) >= (T - lengths).unsqueeze(1)
     batch = {f"hist/{f}": torch.randint(1, SIZES[f], (B, T), generator=g) * mask for f in ("item", "cate", "btag")}
-    batch.update({"hist_len": lengths, "target/item": torch.randint(1, 50, (B,), generator=g),
-                  "target/cate": torch.randint(1, 8, (B,), generator=g),
-                  "profile/age": torch.randint(1, 4, (B,), generator=g),
-                  "context/pid": torch.randint(1, 3, (B,), generator=g), "dense/price": torch.randn(B, generator=g),
-                  "user_index": torch.randint(1, 20, (B,), generator=g), "label": torch.ones(B)})
+    batch.update(
+        {
+            "hist_len": lengths,
+            "target/item": torch.randint(1, 50, (B,), generator=g),
+            "target/cate": torch.randint(1, 8, (B,), generator=g),
+            "profile/age": torch.randint(1, 4, (B,), generator=g),
+            "context/pid": torch.randint(1, 3, (B,), generator=g),
+            "dense/price": torch.randn(B, generator=g),
+            "user_index": torch.randint(1, 20, (B,), generator=g),
+            "label": torch.ones(B),
+        }
+    )
     return batch
 
 
@@ -90,8 +111,17 @@ def test_positions_count_back_from_the_most_recent_behaviour():
         assert torch.allclose(model.encode_user(short)["u"], model.encode_user(long)["u"])
 
 
-@pytest.mark.parametrize("kw", [{}, {"attention": "din"}, {"use_u2i": False}, {"use_i2i": False},
-                                {"use_position": False}, {"shared_output": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"attention": "din"},
+        {"use_u2i": False},
+        {"use_i2i": False},
+        {"use_position": False},
+        {"shared_output": True},
+    ],
+)
 def test_split_inference_equals_the_full_forward(kw):
     model = _model(**kw).eval()
     batch = _batch(B=8)
@@ -143,8 +173,14 @@ def test_auxiliary_loss_ignores_rows_without_a_previous_state(aux_loss):
 def test_config_rejects_impossible_values():
     from dmrx.errors import DmrxError
 
-    for bad in ({"embed_dim": -1}, {"beta": -0.1}, {"mlp": ()}, {"attention": "dot"}, {"aux_loss": "nce"},
-                {"use_u2i": False, "use_i2i": False}):
+    for bad in (
+        {"embed_dim": -1},
+        {"beta": -0.1},
+        {"mlp": ()},
+        {"attention": "dot"},
+        {"aux_loss": "nce"},
+        {"use_u2i": False, "use_i2i": False},
+    ):
         with pytest.raises(DmrxError):
             DMRConfig(**bad).validate()
     with pytest.raises(DmrxError, match="unknown model option"):
@@ -158,7 +194,7 @@ def test_match_product_pairs_the_columns_of_the_same_field():
     d = m.cfg.embed_dim
     u_hat = torch.arange(3 * d, dtype=torch.float32).unsqueeze(0)  # e_t = [item | cate | btag]
     x_t = torch.arange(100, 100 + 2 * d, dtype=torch.float32).unsqueeze(0)  # x_t = [item | cate]
-    assert torch.equal(m.match_product(u_hat, x_t), u_hat[:, :2 * d] * x_t)
+    assert torch.equal(m.match_product(u_hat, x_t), u_hat[:, : 2 * d] * x_t)
     off = _model(target_product=False)
     assert off.mlp[0].in_features == m.mlp[0].in_features - 2 * d
 
@@ -181,8 +217,11 @@ def test_input_norm_trains_on_batch_statistics_and_infers_with_its_running_affin
 def test_a_run_saved_before_the_new_options_loads_as_it_was_trained():
     from dmrx.models.migrations import migrate
 
-    old = {k: v for k, v in _model(target_product=False, mlp_batchnorm=False).cfg.to_json().items()
-           if k not in ("target_product", "mlp_batchnorm")}
+    old = {
+        k: v
+        for k, v in _model(target_product=False, mlp_batchnorm=False).cfg.to_json().items()
+        if k not in ("target_product", "mlp_batchnorm")
+    }
     cfg = DMRConfig.from_json(migrate({"model": old, "train": {}})["model"])  # version 1: no config_version
     assert not cfg.target_product and not cfg.mlp_batchnorm
     legacy = DMR(cfg, _spec(), SIZES)

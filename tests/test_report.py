@@ -78,8 +78,13 @@ def test_report_of_a_baseline_skips_what_it_lacks(tiny_data, tmp_path):
     from dmrx.training.trainer import TrainConfig, train
 
     run = tmp_path / "lr"
-    train(tiny_data / "train.h5", tiny_data / "valid.h5", run, DMRConfig(model="lr", max_len=20),
-          TrainConfig(epochs=1, batch_size=64, max_steps=10, log_every=2, lr=0.01))
+    train(
+        tiny_data / "train.h5",
+        tiny_data / "valid.h5",
+        run,
+        DMRConfig(model="lr", max_len=20),
+        TrainConfig(epochs=1, batch_size=64, max_steps=10, log_every=2, lr=0.01),
+    )
     res = runner.invoke(app, ["report", str(run), "--json"])
     assert res.exit_code == 0, res.output
     out = _strict_json(res.output)

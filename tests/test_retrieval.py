@@ -502,8 +502,13 @@ def test_onnxruntime_backend_matches_torch(run, index, tmp_path):
         b = bundle.load(run)
         (run / "export").mkdir()
         onnx.save(export_graph(b.model, GraphSpec.of(b.model), "user_encoder"), run / "export" / "user_encoder.onnx")
-        manifests.write(run / "export", export_bundle.FORMAT, export_bundle.VERSION, ["user_encoder.onnx"],
-                        source={"weights_sha256": b.weights_hash})
+        manifests.write(
+            run / "export",
+            export_bundle.FORMAT,
+            export_bundle.VERSION,
+            ["user_encoder.onnx"],
+            source={"weights_sha256": b.weights_hash},
+        )
         res = invoke("index", "build", run, "--backend", "onnxruntime", "--json")
     assert res.exit_code == 0, res.output
     from dmrx.retrieval.index import load_index

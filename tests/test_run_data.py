@@ -21,8 +21,9 @@ def _run_dir(tmp_path, train, valid):
     """A directory holding only the config.json that training writes (all run_data reads)."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"data": {"train": str(train) if train else None,
-                                                          "valid": str(valid) if valid else None}}))
+    (run / "config.json").write_text(
+        json.dumps({"data": {"train": str(train) if train else None, "valid": str(valid) if valid else None}})
+    )
     return run
 
 
@@ -63,8 +64,12 @@ def test_a_run_without_validation_file_has_none(tmp_path, split):
 def test_every_missing_file_names_itself_and_the_option(tmp_path, option):
     gone = tmp_path / "moved"
     run = _run_dir(tmp_path, gone / "train.h5", gone / "v.h5")
-    for roles, files in ((("train",), ["train.h5"]), (("valid",), ["v.h5"]), (("test.h5",), ["test.h5"]),
-                         (("valid", "valid.h5", "test.h5"), ["v.h5", "valid.h5", "test.h5"])):
+    for roles, files in (
+        (("train",), ["train.h5"]),
+        (("valid",), ["v.h5"]),
+        (("test.h5",), ["test.h5"]),
+        (("valid", "valid.h5", "test.h5"), ["v.h5", "valid.h5", "test.h5"]),
+    ):
         with pytest.raises(DmrxError) as e:
             run_data(run, *roles, option=option)
         msg = str(e.value)
@@ -100,13 +105,16 @@ def moved_run(tiny_run, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("args, option", [
-    (["report"], "--data"),
-    (["index", "build"], "--data"),
-    (["export", "--fp16"], "--eval-data"),
-    (["export", "--int8", "--eval-data", "{test}"], "--calib-data"),
-    (["train", "--resume", "--out"], "--data"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["report"], "--data"),
+        (["index", "build"], "--data"),
+        (["export", "--fp16"], "--eval-data"),
+        (["export", "--int8", "--eval-data", "{test}"], "--calib-data"),
+        (["train", "--resume", "--out"], "--data"),
+    ],
+)
 def test_commands_name_their_option_when_the_run_data_moved(moved_run, tiny_data, args, option):
     args = [a.format(test=tiny_data / "test.h5") for a in args]
     res = runner.invoke(app, [*args, str(moved_run)])

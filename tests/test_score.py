@@ -34,8 +34,9 @@ def raw_batch(b, path, n=None) -> dict:
     with DataFile(path) as f:
         n = f.n_rows if n is None else n
         keys = sorted(set(b.spec.batch_keys()) | {"user"})
-        batch = next(f.batches(n, b.model.cfg.max_len, keys=keys, behavior_fields=list(b.spec.behaviors),
-                               row_range=(0, n)))
+        batch = next(
+            f.batches(n, b.model.cfg.max_len, keys=keys, behavior_fields=list(b.spec.behaviors), row_range=(0, n))
+        )
         se = f.read_columns(0, n, ["seq", "end"])
     batch.update(se)
     return batch
@@ -85,14 +86,13 @@ def test_ragged_histories_and_double_underscore_names(run_bundle, tiny_data):
     ragged = {}
     for k, v in batch.items():
         if k.startswith("hist/"):
-            ragged[k.replace("/", "__")] = [row[T - n:] for row, n in zip(v, batch["hist_len"], strict=False)]
+            ragged[k.replace("/", "__")] = [row[T - n :] for row, n in zip(v, batch["hist_len"], strict=False)]
         elif k not in ("hist_len", "seq", "end"):
             ragged[k.replace("/", "__")] = v
     np.testing.assert_allclose(scorer.score_batch(ragged), want, atol=1e-7, rtol=0)
     # a longer history than max_len keeps the most recent T
     long = dict(ragged)
-    long["hist__item"] = [np.concatenate([[7] * 5, np.asarray(s)]) if len(s) == T else s
-                          for s in ragged["hist__item"]]
+    long["hist__item"] = [np.concatenate([[7] * 5, np.asarray(s)]) if len(s) == T else s for s in ragged["hist__item"]]
     with pytest.raises(DmrxError, match="differs from the other behaviour fields"):
         scorer.score_batch(long)
 
@@ -104,13 +104,16 @@ def test_ray_style_call_adds_score(run_bundle, tiny_data):
     assert set(out) == set(batch) | {"score"} and out["score"].shape == (10,)
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda b: b.pop("target/item"), "lacks column"),
-    (lambda b: b.__setitem__("target/item", -b["target/item"] - 1), "row 0: negative id"),
-    (lambda b: b["dense/price"].__setitem__(3, np.nan), "dense/price row 3: not a finite"),
-    (lambda b: b.__setitem__("user", b["user"][:-1]), "shape"),
-    (lambda b: b.pop("hist_len"), "hist_len"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda b: b.pop("target/item"), "lacks column"),
+        (lambda b: b.__setitem__("target/item", -b["target/item"] - 1), "row 0: negative id"),
+        (lambda b: b["dense/price"].__setitem__(3, np.nan), "dense/price row 3: not a finite"),
+        (lambda b: b.__setitem__("user", b["user"][:-1]), "shape"),
+        (lambda b: b.pop("hist_len"), "hist_len"),
+    ],
+)
 def test_prepare_rejects_bad_batches(run_bundle, tiny_data, change, match):
     scorer = Scorer(run_bundle, backend="torch", threads=1)
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5", n=8)

@@ -97,8 +97,19 @@ def test_resume_after_interruption_is_byte_identical(cand, tiny_run):
     pdir = cand.parent / ".part.h5.partial"
     assert json.loads((pdir / "state.json").read_text())["committed_rows"] == 512
     # a resume with other batch/chunk sizes keeps the interrupted run's (they fix the bytes)
-    res = score_cli(str(cand), "--model", str(tiny_run), "--out", str(part), "--resume", "--json",
-                    "--batch-size", "1000", "--chunk-rows", "5000")
+    res = score_cli(
+        str(cand),
+        "--model",
+        str(tiny_run),
+        "--out",
+        str(part),
+        "--resume",
+        "--json",
+        "--batch-size",
+        "1000",
+        "--chunk-rows",
+        "5000",
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["resumed_from_row"] == 512 and summary["rows_scored_now"] == 1500 - 512
@@ -112,8 +123,18 @@ def test_resume_after_sigkill_mid_commit(cand, tiny_run):
     full = cand.parent / "full.h5"
     score_file(cand, tiny_run, full, batch_size=128, chunk_rows=256)
     out = cand.parent / "killed.h5"
-    args = [str(cand), "--model", str(tiny_run), "--out", str(out), "--batch-size", "128", "--chunk-rows", "256",
-            "--json"]
+    args = [
+        str(cand),
+        "--model",
+        str(tiny_run),
+        "--out",
+        str(out),
+        "--batch-size",
+        "128",
+        "--chunk-rows",
+        "256",
+        "--json",
+    ]
     # The fault is injected from outside the product: this driver SIGKILLs the process on the 4th state
     # write (the commit of chunk 3), after chunk 3's scores are on disk - the worst moment to die.
     driver = (
@@ -131,14 +152,21 @@ def test_resume_after_sigkill_mid_commit(cand, tiny_run):
         "main()\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", driver, *args], env=env, capture_output=True, text=True,
-                          cwd=cand.parent, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, *args], env=env, capture_output=True, text=True, cwd=cand.parent, timeout=600
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     state = json.loads((cand.parent / ".killed.h5.partial" / "state.json").read_text())
     assert state["committed_rows"] == 512  # chunk 3 was written, not committed
     assert (cand.parent / ".killed.h5.partial" / "scores.f32").stat().st_size == 768 * 4
-    proc = subprocess.run([sys.executable, "-m", "dmrx", "score", *args, "--resume"], env=env, capture_output=True,
-                          text=True, cwd=cand.parent, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dmrx", "score", *args, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=cand.parent,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["resumed_from_row"] == 512
     assert scores(out).tobytes() == scores(full).tobytes()
@@ -221,11 +249,15 @@ BAD = {
     "not_hdf5": (None, "not an HDF5 file"),
     "truncated": (None, "HDF5"),
     "missing_dataset": (lambda h5: h5.__delitem__("examples/end"), "missing dataset examples/end"),
-    "wrong_dtype": (lambda h5: _replace("examples/target/item", h5["examples/target/item"][:].astype("f8"))(h5),
-                    "dataset examples/target/item must be integer"),
-    "wrong_shape": (lambda h5: _replace("examples/user", np.stack([h5["examples/user"][:]] * 2, 1))(h5),
-                    "dataset examples/user must be one-dimensional"),
-    "end_beyond_sequence": (_set("examples/end", 1234, 10 ** 6), "examples/end row 1234"),
+    "wrong_dtype": (
+        lambda h5: _replace("examples/target/item", h5["examples/target/item"][:].astype("f8"))(h5),
+        "dataset examples/target/item must be integer",
+    ),
+    "wrong_shape": (
+        lambda h5: _replace("examples/user", np.stack([h5["examples/user"][:]] * 2, 1))(h5),
+        "dataset examples/user must be one-dimensional",
+    ),
+    "end_beyond_sequence": (_set("examples/end", 1234, 10**6), "examples/end row 1234"),
     "negative_id": (_set("examples/target/item", 1300, -5), "examples/target/item row 1300"),
     "nan_dense": (_set("examples/dense/price", 1100, np.nan), "examples/dense/price row 1100"),
     "inf_dense": (_set("examples/dense/price", 17, np.inf), "examples/dense/price row 17"),

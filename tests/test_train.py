@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 from dmrx.cli.app import app
 
 runner = CliRunner()
-TINY = {"model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
-        "train": {"batch_size": 64, "log_every": 5, "checkpoint_every": 7, "patience": 0}}
+TINY = {
+    "model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
+    "train": {"batch_size": 64, "log_every": 5, "checkpoint_every": 7, "patience": 0},
+}
 
 
 def _config(tmp_path: Path, **train) -> Path:
@@ -30,8 +32,19 @@ def _config(tmp_path: Path, **train) -> Path:
 
 
 def _train(tiny_data, tmp_path, out: Path, *extra, **train):
-    args = ["train", "--data", str(tiny_data / "train.h5"), "--valid", str(tiny_data / "valid.h5"),
-            "--config", str(_config(tmp_path, **train)), "--out", str(out), "--json", *extra]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data / "train.h5"),
+        "--valid",
+        str(tiny_data / "valid.h5"),
+        "--config",
+        str(_config(tmp_path, **train)),
+        "--out",
+        str(out),
+        "--json",
+        *extra,
+    ]
     return runner.invoke(app, args)
 
 
@@ -46,8 +59,15 @@ def test_train_writes_a_verified_bundle_and_is_deterministic(tiny_data, tmp_path
         assert res.exit_code == 0, res.output
     summary = json.loads(res.output)
     assert summary["steps"] > 0 and 0.0 <= summary["best_val_auc"] <= 1.0
-    for name in ("model.safetensors", "vocab.safetensors", "config.json", "schema.json", "metrics.jsonl",
-                 "summary.json", "manifest.json"):
+    for name in (
+        "model.safetensors",
+        "vocab.safetensors",
+        "config.json",
+        "schema.json",
+        "metrics.jsonl",
+        "summary.json",
+        "manifest.json",
+    ):
         assert (a / name).exists(), name
     assert not (a / "checkpoints").exists()
     manifest = json.loads((a / "manifest.json").read_text())
@@ -65,9 +85,23 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert _train(tiny_data, tmp_path, full, "--epochs", "2").exit_code == 0
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "dmrx", "train", "--data", str(tiny_data / "train.h5"), "--valid",
-           str(tiny_data / "valid.h5"), "--config", str(_config(tmp_path)), "--out", str(killed),
-           "--epochs", "2", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dmrx",
+        "train",
+        "--data",
+        str(tiny_data / "train.h5"),
+        "--valid",
+        str(tiny_data / "valid.h5"),
+        "--config",
+        str(_config(tmp_path)),
+        "--out",
+        str(killed),
+        "--epochs",
+        "2",
+        "--json",
+    ]
     # one thread, like this process (conftest): float reductions must run in the same order to compare bits
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
@@ -86,10 +120,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert res.exit_code == 0, res.output
     wf, wk = _weights(full), _weights(killed)
     assert all((wf[k] == wk[k]).all() for k in wf)
-    assert json.loads((full / "summary.json").read_text())["best_val_auc"] == \
-        json.loads((killed / "summary.json").read_text())["best_val_auc"]
-    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    assert (
+        json.loads((full / "summary.json").read_text())["best_val_auc"]
+        == json.loads((killed / "summary.json").read_text())["best_val_auc"]
+    )
+    steps = [
+        json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)
+    ]
     assert steps == sorted(set(steps)), "the log repeats steps after resume"
 
 
@@ -122,21 +159,23 @@ def test_damaged_bundle_is_refused(tiny_run, tmp_path):
     assert res.exit_code == 2 and "no such run" in res.output
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"model": {"beta": -1}}, "beta must be >= 0"),
-    ({"model": {"embed_dim": -4}}, "embed_dim must be positive"),
-    ({"model": {"colour": 1}}, "unknown model option"),
-    ({"model": {"embed_dim": "32"}}, "model option embed_dim must be an integer"),
-    ({"train": {"batch_size": 1.5}}, "train option batch_size must be an integer"),
-    ({"train": {"lr": 0}}, "lr must be positive"),
-    ({"optimiser": {}}, "unknown section"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"model": {"beta": -1}}, "beta must be >= 0"),
+        ({"model": {"embed_dim": -4}}, "embed_dim must be positive"),
+        ({"model": {"colour": 1}}, "unknown model option"),
+        ({"model": {"embed_dim": "32"}}, "model option embed_dim must be an integer"),
+        ({"train": {"batch_size": 1.5}}, "train option batch_size must be an integer"),
+        ({"train": {"lr": 0}}, "lr must be positive"),
+        ({"optimiser": {}}, "unknown section"),
+    ],
+)
 def test_bad_config_is_one_line_error(tiny_data, tmp_path, cfg, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--config", str(path),
-                              "--out", str(out)])
+    res = runner.invoke(app, ["train", "--data", str(tiny_data / "train.h5"), "--config", str(path), "--out", str(out)])
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
     assert not out.exists()
 
@@ -145,7 +184,8 @@ def test_data_without_the_models_fields_is_refused(tiny_run, tmp_path):
     from dmrx.data.format import write_dataset
 
     other = tmp_path / "other.h5"
-    write_dataset(other, {"item": [1, 2]}, [2], {"seq": [0], "end": [2], "user": [1], "label": [1],
-                                                  "target": {"item": [3]}})
+    write_dataset(
+        other, {"item": [1, 2]}, [2], {"seq": [0], "end": [2], "user": [1], "label": [1], "target": {"item": [3]}}
+    )
     res = runner.invoke(app, ["evaluate", str(tiny_run), "--data", str(other)])
     assert res.exit_code == 2 and str(other) in res.output and "behaviors/cate" in res.output

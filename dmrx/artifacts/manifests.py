@@ -34,8 +34,12 @@ def sha256(path: str | os.PathLike) -> str:
 def write(root: str | os.PathLike, kind: str, version: int, files: Iterable[str], **fields) -> dict:
     """Hash `files` (paths relative to root) and write root/manifest.json last; return the manifest."""
     root = Path(root)
-    manifest = {**fields, "format": kind, "version": version,
-                "files": {name: sha256(root / name) for name in sorted(files)}}
+    manifest = {
+        **fields,
+        "format": kind,
+        "version": version,
+        "files": {name: sha256(root / name) for name in sorted(files)},
+    }
     write_json(root / MANIFEST, manifest)
     return manifest
 
@@ -63,8 +67,10 @@ def read(root: str | os.PathLike, kind: str, versions: Iterable[int], missing: s
         raise DmrxError(f"{path}: not a dmrx {noun} manifest (format {found!r})")
     versions = tuple(versions)
     if manifest.get("version") not in versions:
-        raise DmrxError(f"{path}: {noun} format version {manifest.get('version')!r} is not supported (this dmrx "
-                        f"reads version {', '.join(map(str, versions))}){missing}")
+        raise DmrxError(
+            f"{path}: {noun} format version {manifest.get('version')!r} is not supported (this dmrx "
+            f"reads version {', '.join(map(str, versions))}){missing}"
+        )
     if not isinstance(manifest.setdefault("files", {}), dict):
         raise DmrxError(f"{path}: damaged manifest ('files' is not a table)")
     return manifest
@@ -78,8 +84,9 @@ def check_file(root: str | os.PathLike, manifest: dict, name: str, hint: str = "
     if digest is None:
         raise DmrxError(f"{root / MANIFEST}: lists no {name}{hint}")
     if not path.is_file():
-        raise DmrxError(f"{path}: missing from the {manifest['format'].removeprefix('dmrx-')} (listed in {MANIFEST})"
-                        f"{hint}")
+        raise DmrxError(
+            f"{path}: missing from the {manifest['format'].removeprefix('dmrx-')} (listed in {MANIFEST}){hint}"
+        )
     if sha256(path) != digest:
         raise DmrxError(f"{path}: damaged, its sha256 does not match {MANIFEST}{hint}")
     return path

@@ -52,9 +52,11 @@ class FeatureSpec:
 def declare(fields, match_field: str, use_user_id: bool) -> FeatureSpec:
     """The default declaration for a data file's fields: same-named behaviour/target fields share a table."""
     if match_field not in fields.behaviors or match_field not in fields.target:
-        raise DmrxError(f"match field {match_field!r} must be both a behaviour and a target field; behaviour "
-                        f"fields are {list(fields.behaviors)}, target fields {list(fields.target)} "
-                        f"(use match_field = 'cate' for data whose behaviours carry no item id)")
+        raise DmrxError(
+            f"match field {match_field!r} must be both a behaviour and a target field; behaviour "
+            f"fields are {list(fields.behaviors)}, target fields {list(fields.target)} "
+            f"(use match_field = 'cate' for data whose behaviours carry no item id)"
+        )
     tables: dict[str, list[str]] = {}
     for f in fields.behaviors:
         tables.setdefault(f, []).append(f"hist/{f}")
@@ -65,13 +67,21 @@ def declare(fields, match_field: str, use_user_id: bool) -> FeatureSpec:
             tables[f"{group}_{f}"] = [f"{group}/{f}"]
     if use_user_id:
         tables["user"] = ["user_index"]
-    return FeatureSpec(behaviors=list(fields.behaviors), target=list(fields.target),
-                       profile=list(fields.profile), context=list(fields.context), dense=list(fields.dense),
-                       match_field=match_field, use_user_id=use_user_id, tables=tables)
+    return FeatureSpec(
+        behaviors=list(fields.behaviors),
+        target=list(fields.target),
+        profile=list(fields.profile),
+        context=list(fields.context),
+        dense=list(fields.dense),
+        match_field=match_field,
+        use_user_id=use_user_id,
+        tables=tables,
+    )
 
 
-def fit(spec: FeatureSpec, data: DataFile, min_count: int = 1, chunk_rows: int = 1 << 20
-        ) -> tuple[dict[str, Vocab], np.ndarray]:
+def fit(
+    spec: FeatureSpec, data: DataFile, min_count: int = 1, chunk_rows: int = 1 << 20
+) -> tuple[dict[str, Vocab], np.ndarray]:
     """Vocabularies of every table from the training file (streamed), dense-field statistics (stored in
     the spec), and the counts of the match field over the behaviours (the negative sampler's distribution,
     indexed like the match table)."""
@@ -147,8 +157,9 @@ class Encoder:
         need = set(self.spec.batch_keys()) | {f"hist/{f}" for f in self.spec.behaviors}
         missing = sorted(need - have)
         if missing:
-            where = ", ".join(m.replace("hist/", "behaviors/") if m.startswith("hist/") else f"examples/{m}"
-                              for m in missing)
+            where = ", ".join(
+                m.replace("hist/", "behaviors/") if m.startswith("hist/") else f"examples/{m}" for m in missing
+            )
             raise DmrxError(f"{data.path}: lacks {where}, which the model was trained with")
 
     def unknown_counts(self, batch: dict[str, np.ndarray]) -> dict[str, int]:

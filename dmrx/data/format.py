@@ -40,8 +40,7 @@ _COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
 def _dataset(group: h5py.Group, name: str, dtype) -> h5py.Dataset:
-    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,),
-                                **_COMPRESSION)
+    return group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,), **_COMPRESSION)
 
 
 def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
@@ -137,8 +136,10 @@ class Writer:
         lengths = _as_ids(lengths, "sequence lengths", self.path)
         total = int(lengths.sum())
         if set(fields) != set(self.behavior_fields):
-            raise DmrxError(f"{self.path}: behaviour fields {sorted(fields)} differ from the declared "
-                            f"{sorted(self.behavior_fields)}")
+            raise DmrxError(
+                f"{self.path}: behaviour fields {sorted(fields)} differ from the declared "
+                f"{sorted(self.behavior_fields)}"
+            )
         arrays = {}
         for name, values in fields.items():  # validate everything before appending anything
             arr = arrays[name] = _as_ids(values, f"behaviors/{name}", self.path)
@@ -154,12 +155,16 @@ class Writer:
         self._lengths.append(lengths)
         return first
 
-    def add_examples(self, seq, end, user, label=None, prob=None, profile=None, target=None, context=None,
-                     dense=None) -> None:
+    def add_examples(
+        self, seq, end, user, label=None, prob=None, profile=None, target=None, context=None, dense=None
+    ) -> None:
         seq = _as_ids(seq, "examples/seq", self.path)
         n = len(seq)
-        cols: dict[str, np.ndarray] = {"seq": seq, "end": _as_ids(end, "examples/end", self.path),
-                                       "user": _as_ids(user, "examples/user", self.path)}
+        cols: dict[str, np.ndarray] = {
+            "seq": seq,
+            "end": _as_ids(end, "examples/end", self.path),
+            "user": _as_ids(user, "examples/user", self.path),
+        }
         for group, values in (("profile", profile), ("target", target), ("context", context)):
             for name, v in (values or {}).items():
                 cols[f"{group}/{name}"] = _as_ids(v, f"examples/{group}/{name}", self.path)
@@ -179,8 +184,7 @@ class Writer:
             bad = (p < 0) | (p > 1)
             if bad.any():
                 row = int(np.argmax(bad))
-                raise DmrxError(f"{self.path}: examples/prob row {row}: probability {p[row]} is not in "
-                                "[0, 1]")
+                raise DmrxError(f"{self.path}: examples/prob row {row}: probability {p[row]} is not in [0, 1]")
         for name, arr in cols.items():
             if len(arr) != n:
                 raise DmrxError(f"{self.path}: examples/{name} has {len(arr)} rows, examples/seq has {n}")
@@ -193,8 +197,10 @@ class Writer:
         over = cols["end"] > lengths[seq]
         if over.any():
             row = int(np.argmax(over))
-            raise DmrxError(f"{self.path}: examples/end row {row}: end {cols['end'][row]} is beyond its "
-                            f"sequence of length {lengths[seq[row]]}")
+            raise DmrxError(
+                f"{self.path}: examples/end row {row}: end {cols['end'][row]} is beyond its "
+                f"sequence of length {lengths[seq[row]]}"
+            )
 
         ex = self._h5["examples"]
         if self._example_fields is None:
@@ -202,8 +208,9 @@ class Writer:
             for name, arr in cols.items():
                 _dataset(ex, name, arr.dtype)
         elif tuple(cols) != self._example_fields:
-            raise DmrxError(f"{self.path}: example fields {list(cols)} differ from the first call's "
-                            f"{list(self._example_fields)}")
+            raise DmrxError(
+                f"{self.path}: example fields {list(cols)} differ from the first call's {list(self._example_fields)}"
+            )
         for name, arr in cols.items():
             _append(ex[name], arr)
 

@@ -87,9 +87,14 @@ def describe(path: str | os.PathLike, chunk_rows: int = 1 << 18) -> dict:
         history = None
         if n:
             present = np.flatnonzero(end_counts)
-            history = {"min": int(present[0]), "mean": end_sum / n, "p50": _quantile(end_counts, 50),
-                       "p90": _quantile(end_counts, 90), "max": int(present[-1]),
-                       "empty_share": int(end_counts[0]) / n}
+            history = {
+                "min": int(present[0]),
+                "mean": end_sum / n,
+                "p50": _quantile(end_counts, 50),
+                "p90": _quantile(end_counts, 90),
+                "max": int(present[-1]),
+                "empty_share": int(end_counts[0]) / n,
+            }
         return {
             "file": str(path),
             "file_bytes": path.stat().st_size,
@@ -101,8 +106,11 @@ def describe(path: str | os.PathLike, chunk_rows: int = 1 << 18) -> dict:
             "label_rate": positives / n if f.has_label and n else None,
             "mean_prob": prob_sum / n if f.has_prob and n else None,
             "history": history,
-            "fields": {"behaviors": list(f.behaviors), **{g: list(getattr(f, g)) for g in GROUPS},
-                       "label": f.has_label, "prob": f.has_prob},
-            "attrs": {k: _plain(v) for k, v in data.attrs.items()
-                      if k not in ("dmrx_format", "schema_version")},
+            "fields": {
+                "behaviors": list(f.behaviors),
+                **{g: list(getattr(f, g)) for g in GROUPS},
+                "label": f.has_label,
+                "prob": f.has_prob,
+            },
+            "attrs": {k: _plain(v) for k, v in data.attrs.items() if k not in ("dmrx_format", "schema_version")},
         }

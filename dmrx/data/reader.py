@@ -66,8 +66,7 @@ class DataFile:
             raise
         except (OSError, KeyError) as e:  # HDF5 metadata that cannot be read
             self._h5.close()
-            raise self._err(f"damaged HDF5 file, its structure cannot be read ({e.__class__.__name__}: "
-                            f"{e})") from None
+            raise self._err(f"damaged HDF5 file, its structure cannot be read ({e.__class__.__name__}: {e})") from None
         except BaseException:
             self._h5.close()
             raise
@@ -93,8 +92,9 @@ class DataFile:
                 ds = self._datasets[name] = self._h5[name]
             return ds[sl]
         except (OSError, KeyError) as e:
-            raise self._err(f"dataset {name}: cannot be read, the file is damaged or truncated "
-                            f"({e.__class__.__name__})") from None
+            raise self._err(
+                f"dataset {name}: cannot be read, the file is damaged or truncated ({e.__class__.__name__})"
+            ) from None
 
     def _check(self, name: str, kinds: str, length: int | None) -> h5py.Dataset:
         if name not in self._h5:
@@ -191,19 +191,24 @@ class DataFile:
             bad = seq >= self.n_sequences
             if bad.any():
                 row = int(np.argmax(bad))
-                raise self._err(f"dataset examples/seq row {start + row}: sequence {seq[row]} does not exist "
-                                f"({self.n_sequences} sequences)")
+                raise self._err(
+                    f"dataset examples/seq row {start + row}: sequence {seq[row]} does not exist "
+                    f"({self.n_sequences} sequences)"
+                )
             if "end" in cols:
                 seq_len = self.offsets[seq + 1] - self.offsets[seq]
                 bad = cols["end"] > seq_len
                 if bad.any():
                     row = int(np.argmax(bad))
-                    raise self._err(f"dataset examples/end row {start + row}: end {cols['end'][row]} is "
-                                    f"beyond its sequence of length {seq_len[row]}")
+                    raise self._err(
+                        f"dataset examples/end row {start + row}: end {cols['end'][row]} is "
+                        f"beyond its sequence of length {seq_len[row]}"
+                    )
         return cols
 
-    def _histories(self, seq: np.ndarray, end: np.ndarray, max_len: int, fields, encoder: Encoder | None,
-                   full: bool = False):
+    def _histories(
+        self, seq: np.ndarray, end: np.ndarray, max_len: int, fields, encoder: Encoder | None, full: bool = False
+    ):
         """What a chunk's examples see: a zero-padded behaviour buffer and, per example, a window start.
 
         buffer[start[i] : start[i] + max_len, j] is example i's right-aligned history of fields[j], so a
@@ -241,8 +246,9 @@ class DataFile:
             for a, b in slices:
                 part = self._read(f"behaviors/{f}", slice(a, b)).astype(np.int64, copy=False)
                 if part.min() < 0:
-                    raise self._err(f"dataset behaviors/{f} row {a + int(np.argmax(part < 0))}: "
-                                    f"negative id {part.min()}")
+                    raise self._err(
+                        f"dataset behaviors/{f} row {a + int(np.argmax(part < 0))}: negative id {part.min()}"
+                    )
                 parts.append(encoder(f"hist/{f}", part) if encoder is not None else part)
             columns.append(np.concatenate(parts))
         i32 = np.iinfo(np.int32)
@@ -252,11 +258,22 @@ class DataFile:
             buffer[dest, j] = column
         return buffer, start, length
 
-    def batches(self, batch_size: int = 256, max_len: int = 50, *, shuffle: bool = False, seed: int = 0,
-                epoch: int = 0, start_batch: int = 0, shard: tuple[int, int] = (0, 1),
-                row_range: tuple[int, int] | None = None, encoder: Encoder | None = None,
-                chunk_rows: int = 1 << 18, keys: list[str] | None = None,
-                behavior_fields: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self,
+        batch_size: int = 256,
+        max_len: int = 50,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        start_batch: int = 0,
+        shard: tuple[int, int] = (0, 1),
+        row_range: tuple[int, int] | None = None,
+        encoder: Encoder | None = None,
+        chunk_rows: int = 1 << 18,
+        keys: list[str] | None = None,
+        behavior_fields: list[str] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
         """Yield batches in file order, or shuffled (chunk order and rows within a chunk) for an epoch.
 
         Batches never span chunks, so a batch's index fixes its rows: `start_batch` skips to the batch a
@@ -267,8 +284,10 @@ class DataFile:
         """
         rank, world = shard
         if batch_size < 1 or max_len < 1 or not 0 <= rank < world:
-            raise ValueError(f"need batch_size >= 1, max_len >= 1 and 0 <= rank < world, got {batch_size}, "
-                             f"{max_len} and shard {shard}")
+            raise ValueError(
+                f"need batch_size >= 1, max_len >= 1 and 0 <= rank < world, got {batch_size}, "
+                f"{max_len} and shard {shard}"
+            )
         fields = list(behavior_fields if behavior_fields is not None else self.fields.behaviors)
         unknown = sorted(set(fields) - set(self.fields.behaviors))
         unknown += sorted(set(keys or ()) - set(self.fields.example_keys()))
@@ -288,8 +307,7 @@ class DataFile:
             n_batches = -(-(c1 - c0) // batch_size)
             first_batch = batch_index
             batch_index += n_batches
-            mine = [b - first_batch for b in range(max(first_batch, start_batch), batch_index)
-                    if b % world == rank]
+            mine = [b - first_batch for b in range(max(first_batch, start_batch), batch_index) if b % world == rank]
             perm = rng.permutation(c1 - c0) if rng is not None else None  # drawn even for skipped chunks
             if not mine:
                 continue
@@ -336,7 +354,7 @@ def _merged_slices(lo: np.ndarray, hi: np.ndarray) -> tuple[list[tuple[int, int]
 
 
 def _gather(windows: np.ndarray, start: np.ndarray, fields: list[str]) -> dict[str, np.ndarray]:
-    """"hist/<field>" [B, T] int64 from the windows of a _histories buffer, starting at rows `start`."""
+    """ "hist/<field>" [B, T] int64 from the windows of a _histories buffer, starting at rows `start`."""
     hist = windows[start]  # [B, fields, T]
     return {f"hist/{f}": hist[:, j].astype(np.int64) for j, f in enumerate(fields)}
 
@@ -349,15 +367,24 @@ class HistoryReader:
     are built by DataFile._histories.
     """
 
-    def __init__(self, path: str | os.PathLike, fields: list[str], max_len: int, encoder: Encoder | None = None,
-                 seen_field: str | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fields: list[str],
+        max_len: int,
+        encoder: Encoder | None = None,
+        seen_field: str | None = None,
+    ):
         self.data = DataFile(path)
-        missing = [f for f in [*fields, *[seen_field] * (seen_field is not None)]
-                   if f not in self.data.fields.behaviors]
+        missing = [
+            f for f in [*fields, *[seen_field] * (seen_field is not None)] if f not in self.data.fields.behaviors
+        ]
         if missing:
             self.data.close()
-            raise DmrxError(f"{path}: lacks behaviors/{', behaviors/'.join(dict.fromkeys(missing))}, which the "
-                            "model was trained with")
+            raise DmrxError(
+                f"{path}: lacks behaviors/{', behaviors/'.join(dict.fromkeys(missing))}, which the "
+                "model was trained with"
+            )
         self.fields, self.max_len, self.encoder, self.seen_field = list(fields), int(max_len), encoder, seen_field
 
     def close(self) -> None:

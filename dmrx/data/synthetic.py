@@ -75,12 +75,16 @@ class _World:
         brand_cate = rng.integers(0, cfg.cates, cfg.brands)
         # an item's brand is one of its category's brands (or any brand when the category has none)
         by_cate = [np.flatnonzero(brand_cate == c) for c in range(cfg.cates)]
-        self.item_brand = np.array([rng.choice(b) if len(b) else rng.integers(cfg.brands) for b in
-                                    (by_cate[c] for c in self.item_cate)])
+        self.item_brand = np.array(
+            [rng.choice(b) if len(b) else rng.integers(cfg.brands) for b in (by_cate[c] for c in self.item_cate)]
+        )
         brand_vec = _unit(rng.normal(size=(cfg.brands, k)))
         # mostly category and brand: what a model can learn from a few impressions per item
-        self.item_vec = _unit(cate_vec[self.item_cate] + 0.5 * brand_vec[self.item_brand]
-                              + cfg.item_noise * rng.normal(size=(cfg.items, k)))
+        self.item_vec = _unit(
+            cate_vec[self.item_cate]
+            + 0.5 * brand_vec[self.item_brand]
+            + cfg.item_noise * rng.normal(size=(cfg.items, k))
+        )
         self.item_pop = rng.normal(0.0, 1.0, cfg.items)
         self.item_price = np.exp(rng.normal(3.0, 0.8, cfg.items)).astype(np.float32)
         self.cate_group = self.item_cate % 4
@@ -148,7 +152,7 @@ class _World:
         driven = rng.random(len(user)) < 0.4
         for idx, sharp in ((np.flatnonzero(driven), 4.0), (np.flatnonzero(~driven), 0.0)):
             for s in range(0, len(idx), 65536):  # bounded memory: the pick scores a [rows, pool] matrix
-                part = idx[s:s + 65536]
+                part = idx[s : s + 65536]
                 target[part] = self._pick(state[part], 512, sharp)
         vec = self.item_vec[target]
         # clicks follow what the history shows (not the hidden state), so a model can approach the oracle
@@ -156,9 +160,14 @@ class _World:
         affinity = np.einsum("nk,nk->n", vec, _unit_or_zero(self.total[user, end]))
         pid = rng.integers(1, 3, len(user))
         log_price = (np.log(self.item_price[target]) - 3.0) / 0.8
-        logit = (2.5 * interest + 1.5 * affinity + 0.25 * self.item_pop[target]
-                 + 0.3 * (pid == 2) - 0.25 * log_price * (self.shopping[user] == 1)
-                 + 0.3 * (self.cate_group[target] == self.gender[user]))
+        logit = (
+            2.5 * interest
+            + 1.5 * affinity
+            + 0.25 * self.item_pop[target]
+            + 0.3 * (pid == 2)
+            - 0.25 * log_price * (self.shopping[user] == 1)
+            + 0.3 * (self.cate_group[target] == self.gender[user])
+        )
         bias = _calibrate(logit, cfg.ctr)
         prob = 1.0 / (1.0 + np.exp(-(logit + bias)))
         return {"user": user, "end": end, "target": target, "pid": pid, "prob": prob.astype(np.float32)}
@@ -176,8 +185,9 @@ def _calibrate(logit: np.ndarray, ctr: float) -> float:
     return (lo + hi) / 2
 
 
-def _write(world: _World, path: Path, imp: dict[str, np.ndarray], rows: np.ndarray, labelled: bool,
-           rng: np.random.Generator) -> int:
+def _write(
+    world: _World, path: Path, imp: dict[str, np.ndarray], rows: np.ndarray, labelled: bool, rng: np.random.Generator
+) -> int:
     cfg = world.cfg
     user, end = imp["user"][rows], imp["end"][rows]
     # store each user's sequence only as far as this file's examples can see
@@ -186,12 +196,18 @@ def _write(world: _World, path: Path, imp: dict[str, np.ndarray], rows: np.ndarr
     mask = np.arange(cfg.max_len)[None, :] < seen[:, None]
     target = imp["target"][rows]
     prob = imp["prob"][rows]
-    with Writer(path, ["item", "cate", "brand", "btag"], attrs={"source": "dmrx synthetic",
-                                                              "seed": cfg.seed}) as w:
-        w.add_sequences(seen, item=world.items[mask] + 1, cate=world.item_cate[world.items[mask]] + 1,
-                        brand=world.item_brand[world.items[mask]] + 1, btag=world.btags[mask])
+    with Writer(path, ["item", "cate", "brand", "btag"], attrs={"source": "dmrx synthetic", "seed": cfg.seed}) as w:
+        w.add_sequences(
+            seen,
+            item=world.items[mask] + 1,
+            cate=world.item_cate[world.items[mask]] + 1,
+            brand=world.item_brand[world.items[mask]] + 1,
+            btag=world.btags[mask],
+        )
         w.add_examples(
-            seq=user, end=end, user=user + 1,
+            seq=user,
+            end=end,
+            user=user + 1,
             label=(rng.random(len(rows)) < prob).astype(np.int8) if labelled else None,
             prob=prob,
             profile={"gender": world.gender[user], "age": world.age[user], "shopping": world.shopping[user]},
@@ -215,11 +231,14 @@ def generate(out_dir: str | Path = ".", cfg: SyntheticConfig = SyntheticConfig()
     count = np.bincount(imp["user"], minlength=cfg.users)
     rank = (np.arange(len(imp["user"])) - first[imp["user"]]) / np.maximum(count[imp["user"]], 1)
     label_rng = np.random.default_rng([cfg.seed, 1])
-    rows = {"train": np.flatnonzero(rank < 0.8), "valid": np.flatnonzero((rank >= 0.8) & (rank < 0.9)),
-            "test": np.flatnonzero(rank >= 0.9)}
-    written = {f"{name}.h5": _write(world, out_dir / f"{name}.h5", imp, r, True, label_rng)
-               for name, r in rows.items()}
+    rows = {
+        "train": np.flatnonzero(rank < 0.8),
+        "valid": np.flatnonzero((rank >= 0.8) & (rank < 0.9)),
+        "test": np.flatnonzero(rank >= 0.9),
+    }
+    written = {f"{name}.h5": _write(world, out_dir / f"{name}.h5", imp, r, True, label_rng) for name, r in rows.items()}
     cand = world.impressions(cfg.candidates_per_user, at_end=True)
-    written["candidates.h5"] = _write(world, out_dir / "candidates.h5", cand, np.arange(len(cand["user"])),
-                                      False, label_rng)
+    written["candidates.h5"] = _write(
+        world, out_dir / "candidates.h5", cand, np.arange(len(cand["user"])), False, label_rng
+    )
     return written

@@ -82,9 +82,15 @@ def relevance_means(res: dict[str, np.ndarray]) -> dict[str, float]:
 def report(labels, probs, users, true_probs=None) -> dict:
     """The metrics `dmrx evaluate` prints."""
     g, g_mean = gauc(labels, probs, users)
-    out = {"rows": int(len(labels)), "auc": auc(labels, probs), "gauc": g, "gauc_user_mean": g_mean,
-           "logloss": logloss(labels, probs), "label_rate": float(np.mean(labels)) if len(labels) else 0.0,
-           "mean_pred": float(np.mean(probs)) if len(probs) else 0.0}
+    out = {
+        "rows": int(len(labels)),
+        "auc": auc(labels, probs),
+        "gauc": g,
+        "gauc_user_mean": g_mean,
+        "logloss": logloss(labels, probs),
+        "label_rate": float(np.mean(labels)) if len(labels) else 0.0,
+        "mean_pred": float(np.mean(probs)) if len(probs) else 0.0,
+    }
     if true_probs is not None:
         out["oracle_auc"] = auc(labels, true_probs)
     return out

@@ -15,9 +15,16 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu")
 
 
 @torch.inference_mode()
-def predict(model: DMR, encoder: Encoder, data: DataFile, batch_size: int = 4096,
-            device: torch.device | str = "cpu", progress=None, row_range: tuple[int, int] | None = None,
-            i2i_by_slot: bool = False) -> dict[str, np.ndarray]:
+def predict(
+    model: DMR,
+    encoder: Encoder,
+    data: DataFile,
+    batch_size: int = 4096,
+    device: torch.device | str = "cpu",
+    progress=None,
+    row_range: tuple[int, int] | None = None,
+    i2i_by_slot: bool = False,
+) -> dict[str, np.ndarray]:
     """CTR and relevance units for every row, in file order, plus labels, users and true probabilities.
 
     Per row: prob; r and r_hat when the model has them; label and prob_true when the file has them; user
@@ -35,8 +42,9 @@ def predict(model: DMR, encoder: Encoder, data: DataFile, batch_size: int = 4096
     out: dict[str, list[np.ndarray]] = {}
     raw_users = []
     i2i = None
-    for batch in data.batches(batch_size, T, encoder=encoder, keys=keys,
-                              behavior_fields=encoder.spec.behaviors, row_range=row_range):
+    for batch in data.batches(
+        batch_size, T, encoder=encoder, keys=keys, behavior_fields=encoder.spec.behaviors, row_range=row_range
+    ):
         raw_users.append(batch["user"])
         res = model(to_tensors(encoder.finish(batch), device))
         cols = {"prob": torch.sigmoid(res["logit"].float())}
@@ -68,7 +76,7 @@ def _add_by_slot(acc: np.ndarray, weights: torch.Tensor, hist_len: np.ndarray) -
     w = weights.float().cpu().numpy()
     n = np.minimum(hist_len, w.shape[1])
     real = np.arange(w.shape[1])[None, :] >= (w.shape[1] - n)[:, None]
-    acc[0, -w.shape[1]:] += (w * real).sum(0)
-    acc[1, -w.shape[1]:] += real.sum(0)
-    acc[2, -w.shape[1]:] += (real / np.maximum(n, 1)[:, None]).sum(0)
+    acc[0, -w.shape[1] :] += (w * real).sum(0)
+    acc[1, -w.shape[1] :] += real.sum(0)
+    acc[2, -w.shape[1] :] += (real / np.maximum(n, 1)[:, None]).sum(0)
     return acc

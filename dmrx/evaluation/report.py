@@ -38,9 +38,9 @@ from dmrx.models import bundle
 FIGURES = {
     "fig2_relevance.png": "Figure 2: mean user-to-item relevance r and r_hat on positive and negative test examples.",
     "fig3_learning_curves.png": "Figure 3: training target loss and beta * L_NS (auxiliary loss) per step; "
-                                "validation AUC.",
+    "validation AUC.",
     "fig4_i2i_position.png": "Figure 4: average Item-to-Item attention weight by position (0 = most recent), over "
-                             "the test rows whose history reaches each position; dashed: uniform attention.",
+    "the test rows whose history reaches each position; dashed: uniform attention.",
     "roc.png": "ROC curve on the test data.",
     "calibration.png": "Reliability: observed click rate against mean prediction, equal-count bins.",
 }
@@ -51,8 +51,10 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise DmrxError("dmrx report draws with matplotlib, which is not installed: install dmrx's plot "
-                        "extra, or pip install matplotlib") from None
+        raise DmrxError(
+            "dmrx report draws with matplotlib, which is not installed: install dmrx's plot "
+            "extra, or pip install matplotlib"
+        ) from None
     return Figure, FigureCanvasAgg
 
 
@@ -121,8 +123,9 @@ def _fig_relevance(d: _Drawer, res: dict, metrics: dict) -> None:
         vals = [res[k][pos], res[k][~pos]]
         means = [metrics[f"mean_{k}_pos"], metrics[f"mean_{k}_neg"]]
         errs = [float(v.std() / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in vals]
-        names = [f"{name}\n{m:.4g} (n={len(v):,})" for name, m, v in zip(("positive", "negative"), means, vals,
-                                                                        strict=True)]
+        names = [
+            f"{name}\n{m:.4g} (n={len(v):,})" for name, m, v in zip(("positive", "negative"), means, vals, strict=True)
+        ]
         ax.bar(names, means, yerr=errs, capsize=4, color=["#d62728", "#1f77b4"])
         ax.axhline(0.0, color="black", lw=0.6)
         ax.set_title(title)
@@ -138,8 +141,12 @@ def _fig_curves(d: _Drawer, log: list[dict], aux: bool) -> None:
     steps = [r["step"] for r in train]
     ax.plot(steps, [r["loss"] for r in train], marker="." if len(train) < 30 else None, label="target loss")
     if aux:
-        ax.plot(steps, [r.get("beta_aux", 0.0) for r in train], marker="." if len(train) < 30 else None,
-                label="beta * L_NS (auxiliary)")
+        ax.plot(
+            steps,
+            [r.get("beta_aux", 0.0) for r in train],
+            marker="." if len(train) < 30 else None,
+            label="beta * L_NS (auxiliary)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("learning curves")
@@ -206,8 +213,9 @@ def _fig_calibration(d: _Drawer, res: dict, rel: dict) -> None:
     err = 1.96 * np.sqrt(np.clip(obs * (1 - obs), 1e-12, None) / n)
     top = float(max(pred.max(), obs.max(), 1e-3)) * 1.25  # intervals of sparse bins may run off the top
     ax.plot([0, top], [0, top], color="black", lw=0.6, ls=":", label="perfect calibration")
-    ax.errorbar(pred, obs, yerr=err, marker="o", ms=4, capsize=3, color="#ff7f0e",
-                label=f"model ({len(pred)} equal-count bins)")
+    ax.errorbar(
+        pred, obs, yerr=err, marker="o", ms=4, capsize=3, color="#ff7f0e", label=f"model ({len(pred)} equal-count bins)"
+    )
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
     ax.set_xlabel("mean predicted CTR")
@@ -228,15 +236,18 @@ def _fmt(v) -> str:
 
 
 def _table(rows: dict, caption: str) -> str:
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-                   for k, v in rows.items())
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items())
     return f"<table><caption>{html.escape(caption)}</caption>{body}</table>"
 
 
-def _page(run_dir: Path, data: Path, model: str, metrics: dict, summary: dict, figures: list[str],
-          skipped: dict[str, str]) -> str:
-    figs = "".join(f'<figure><img src="{html.escape(n)}" alt="{html.escape(n)}">'
-                   f"<figcaption>{html.escape(FIGURES[n])}</figcaption></figure>" for n in figures)
+def _page(
+    run_dir: Path, data: Path, model: str, metrics: dict, summary: dict, figures: list[str], skipped: dict[str, str]
+) -> str:
+    figs = "".join(
+        f'<figure><img src="{html.escape(n)}" alt="{html.escape(n)}">'
+        f"<figcaption>{html.escape(FIGURES[n])}</figcaption></figure>"
+        for n in figures
+    )
     skip = "".join(f"<li>{html.escape(n)}: {html.escape(why)}</li>" for n, why in skipped.items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dmrx report: {html.escape(run_dir.name)}</title>
@@ -259,8 +270,12 @@ img {{ max-width: 100%; border: 1px solid #eee }} figcaption {{ font-size: 0.85e
 """
 
 
-def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-                 batch_size: int = 4096, n_bins: int = 10) -> dict:
+def build_report(
+    run: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    batch_size: int = 4096,
+    n_bins: int = 10,
+) -> dict:
     """Write RUN/report/ (PNG figures, index.html, metrics.json); return what was written."""
     _matplotlib()  # fail before any work when matplotlib is missing
     b = bundle.load(run)
@@ -273,8 +288,9 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
         raise DmrxError(f"{data_path}: no examples; the report needs labelled test data")
     pos = res["label"] > 0
     if pos.all() or not pos.any():
-        raise DmrxError(f"{data_path}: the labels are all {int(pos[0])}; ROC and calibration need both clicks "
-                        "and non-clicks")
+        raise DmrxError(
+            f"{data_path}: the labels are all {int(pos[0])}; ROC and calibration need both clicks and non-clicks"
+        )
     metrics = evaluation_metrics(res)
     rel = reliability(res["label"], res["prob"], n_bins)
     metrics["ece"] = rel["ece"]
@@ -300,8 +316,9 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
         if any("loss" in r for r in log):
             draw("fig3_learning_curves.png", _fig_curves, log, aux)
         else:
-            skipped["fig3_learning_curves.png"] = "metrics.jsonl has no training loss lines (fewer steps than " \
-                                                  "log_every)"
+            skipped["fig3_learning_curves.png"] = (
+                "metrics.jsonl has no training loss lines (fewer steps than log_every)"
+            )
         if "i2i_count" in res and res["i2i_count"].sum() > 0:
             draw("fig4_i2i_position.png", _fig_positions, res)
         elif "i2i_count" in res:
@@ -310,10 +327,18 @@ def build_report(run: str | os.PathLike | None = None, data: str | os.PathLike |
             skipped["fig4_i2i_position.png"] = f"the {model} model has no Item-to-Item network"
         draw("roc.png", _fig_roc, res, metrics)
         draw("calibration.png", _fig_calibration, res, rel)
-        record = {"run": str(b.path), "data": str(data_path), "model": model, "test": metrics,
-                  "summary": summary, "figures": figures, "skipped": skipped}
+        record = {
+            "run": str(b.path),
+            "data": str(data_path),
+            "model": model,
+            "test": metrics,
+            "summary": summary,
+            "figures": figures,
+            "skipped": skipped,
+        }
         write_json(tmp / "metrics.json", jsonable(record))
         (tmp / "index.html").write_text(_page(b.path, data_path, model, metrics, summary, figures, skipped))
     out = b.path / "report"
-    return jsonable({"dir": str(out), "index": str(out / "index.html"), "figures": figures, "skipped": skipped,
-                    "metrics": metrics})
+    return jsonable(
+        {"dir": str(out), "index": str(out / "index.html"), "figures": figures, "skipped": skipped, "metrics": metrics}
+    )

@@ -55,8 +55,7 @@ _HASH_PRIME = 1_000_003
 def shared_fields(spec: FeatureSpec) -> list[str]:
     """Behaviour fields whose target field of the same name uses the same table (item, cate, brand...)."""
     table_of = spec.table_of()
-    return [f for f in spec.behaviors
-            if f in spec.target and table_of.get(f"hist/{f}") == table_of.get(f"target/{f}")]
+    return [f for f in spec.behaviors if f in spec.target and table_of.get(f"hist/{f}") == table_of.get(f"target/{f}")]
 
 
 def _hist_mask(batch: dict[str, Tensor], T: int) -> Tensor:
@@ -84,8 +83,7 @@ class _Embedded(nn.Module):
         self.cfg, self.spec = cfg, spec
         self.table_of = spec.table_of()
         d = cfg.embed_dim
-        self.tables = nn.ModuleDict({t: nn.Embedding(sizes[t], d, padding_idx=0, sparse=True)
-                                     for t in sorted(sizes)})
+        self.tables = nn.ModuleDict({t: nn.Embedding(sizes[t], d, padding_idx=0, sparse=True) for t in sorted(sizes)})
         for emb in self.tables.values():
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
@@ -127,14 +125,18 @@ class LR(nn.Module):
         cfg.validate()
         self.cfg, self.spec = cfg, spec
         table_of = spec.table_of()
-        self.one_hot = spec.profile_keys() + [f"target/{f}" for f in spec.target] + \
-            [f"context/{f}" for f in spec.context]
+        self.one_hot = (
+            spec.profile_keys() + [f"target/{f}" for f in spec.target] + [f"context/{f}" for f in spec.context]
+        )
         self.bags = [f"hist/{f}" for f in spec.behaviors]
         self.crosses = shared_fields(spec)
-        weights = {_key_name(k): nn.Embedding(sizes[table_of[k]], 1, padding_idx=0, sparse=True)
-                   for k in self.one_hot + self.bags}
-        weights.update({f"cross__{f}": nn.Embedding(CROSS_BUCKETS, 1, padding_idx=0, sparse=True)
-                        for f in self.crosses})
+        weights = {
+            _key_name(k): nn.Embedding(sizes[table_of[k]], 1, padding_idx=0, sparse=True)
+            for k in self.one_hot + self.bags
+        }
+        weights.update(
+            {f"cross__{f}": nn.Embedding(CROSS_BUCKETS, 1, padding_idx=0, sparse=True) for f in self.crosses}
+        )
         self.tables = nn.ModuleDict({k: weights[k] for k in sorted(weights)})
         for emb in self.tables.values():
             nn.init.zeros_(emb.weight)
@@ -147,8 +149,9 @@ class LR(nn.Module):
         h = (target.unsqueeze(1) * _HASH_PRIME + hist) % (CROSS_BUCKETS - 1) + 1
         return torch.where(mask & (hist > 0) & (target.unsqueeze(1) > 0), h, torch.zeros_like(h))
 
-    def forward(self, batch: dict[str, Tensor], negatives: Tensor | None = None,
-                log_q: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, batch: dict[str, Tensor], negatives: Tensor | None = None, log_q: Tensor | None = None
+    ) -> dict[str, Tensor]:
         B = batch["hist_len"].shape[0]
         logit = self.bias.expand(B)
         for k in self.one_hot:
@@ -184,8 +187,9 @@ class PNN(_Embedded):
 
     def __init__(self, cfg, spec: FeatureSpec, sizes: dict[str, int]):
         super().__init__(cfg, spec, sizes)
-        self.field_keys = spec.profile_keys() + [f"target/{f}" for f in spec.target] + \
-            [f"context/{f}" for f in spec.context]
+        self.field_keys = (
+            spec.profile_keys() + [f"target/{f}" for f in spec.target] + [f"context/{f}" for f in spec.context]
+        )
         n = len(self.field_keys) + len(spec.behaviors)
         rows, cols = torch.triu_indices(n, n, offset=1)
         self.register_buffer("pair_rows", rows, persistent=False)
@@ -211,8 +215,13 @@ class DIN(_Embedded):
         self.shared = shared_fields(spec)
         d_s = self.d * len(self.shared)
         h = cfg.attn_hidden_size
-        self.unit = nn.Sequential(nn.Linear(4 * d_s, h), PReLU(h, 0.1), nn.Linear(h, max(1, h // 2)),
-                                  PReLU(max(1, h // 2), 0.1), nn.Linear(max(1, h // 2), 1))
+        self.unit = nn.Sequential(
+            nn.Linear(4 * d_s, h),
+            PReLU(h, 0.1),
+            nn.Linear(h, max(1, h // 2)),
+            PReLU(max(1, h // 2), 0.1),
+            nn.Linear(max(1, h // 2), 1),
+        )
         self.mlp = _mlp(self.d_base + self.d_e, tuple(cfg.mlp))
 
     def attention(self, batch: dict[str, Tensor], mask: Tensor) -> Tensor:
@@ -251,7 +260,7 @@ class AUGRU(nn.Module):
             xr, xu, xn = gx[:, t].chunk(3, dim=-1)
             hr, hu, hn = self.h2h(h).chunk(3, dim=-1)
             r = torch.sigmoid(xr + hr)
-            u = torch.sigmoid(xu + hu) * a[:, t:t + 1].to(h.dtype)
+            u = torch.sigmoid(xu + hu) * a[:, t : t + 1].to(h.dtype)
             h = ((1 - u) * h + u * torch.tanh(xn + r * hn)).to(x.dtype)
         return h
 
@@ -281,13 +290,15 @@ class DIEN(_Embedded):
         T = e.shape[1]
         length = length.clamp(0, T)
         left = _roll_rows(e, T - length)  # real behaviours first, padding after
-        packed = nn.utils.rnn.pack_padded_sequence(left, length.clamp_min(1).cpu(), batch_first=True,
-                                                   enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            left, length.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
+        )
         out, _ = self.extractor(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
         states = _roll_rows(out, (length - T) % T)  # back to right-aligned
-        return states * (torch.arange(T, device=e.device).unsqueeze(0) >= (T - length).unsqueeze(1)
-                         ).unsqueeze(-1).to(states.dtype)
+        return states * (torch.arange(T, device=e.device).unsqueeze(0) >= (T - length).unsqueeze(1)).unsqueeze(-1).to(
+            states.dtype
+        )
 
     def forward(self, batch, negatives=None, log_q=None):
         x, x_t = self.base(batch)

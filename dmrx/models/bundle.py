@@ -39,8 +39,7 @@ from dmrx.models.migrations import migrate
 FORMAT = "dmrx-run"
 VERSION = 1
 RUNS_DIR = Path("runs")
-BUNDLE_FILES = ("model.safetensors", "vocab.safetensors", "config.json", "schema.json", "metrics.jsonl",
-                "summary.json")
+BUNDLE_FILES = ("model.safetensors", "vocab.safetensors", "config.json", "schema.json", "metrics.jsonl", "summary.json")
 
 
 def library_versions() -> dict[str, str]:
@@ -49,9 +48,16 @@ def library_versions() -> dict[str, str]:
     import onnxruntime
     import safetensors
 
-    return {"dmrx": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "h5py": h5py.__version__, "safetensors": safetensors.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "dmrx": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "safetensors": safetensors.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
 
 
 def save_vocabs(path: Path, vocabs: dict[str, Vocab], sampler: np.ndarray) -> None:
@@ -77,8 +83,11 @@ def verify(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DmrxError(f"{run_dir}: no such run directory")
-    unfinished = " (training did not finish: resume it with `dmrx train --resume --out RUN`)" \
-        if (run_dir / "checkpoints").exists() else ""
+    unfinished = (
+        " (training did not finish: resume it with `dmrx train --resume --out RUN`)"
+        if (run_dir / "checkpoints").exists()
+        else ""
+    )
     return manifests.verify(run_dir, FORMAT, (VERSION,), missing=unfinished)
 
 
@@ -129,8 +138,9 @@ def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundl
         state = load_file(str(run_dir / "model.safetensors"))
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise DmrxError(f"{run_dir}: incompatible run bundle ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+        raise DmrxError(
+            f"{run_dir}: incompatible run bundle ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     model.to(device).eval()
     return Bundle(run_dir, model, spec, vocabs, sampler, config, manifest)
 
@@ -149,17 +159,25 @@ def resolve_run(run: str | os.PathLike | None) -> Path:
         path = RUNS_DIR / latest.read_text().strip()  # an absolute path stays as it is
         if path.is_dir():
             return path
-    raise DmrxError(f"no run found under {RUNS_DIR.resolve()}: train one with `dmrx train` or name a run "
-                    "directory")
+    raise DmrxError(f"no run found under {RUNS_DIR.resolve()}: train one with `dmrx train` or name a run directory")
 
 
 # What each role of run_data names, for its error message.
-DATA_ROLES = {"train": "training file", "valid": "validation file", "valid.h5": "valid.h5 beside its training file",
-              "test.h5": "test.h5 beside its training file"}
+DATA_ROLES = {
+    "train": "training file",
+    "valid": "validation file",
+    "valid.h5": "valid.h5 beside its training file",
+    "test.h5": "test.h5 beside its training file",
+}
 
 
-def run_data(run_dir: str | os.PathLike, *roles: str, config: dict | None = None, option: str = "--data",
-             missing_ok: bool = False) -> Path | None:
+def run_data(
+    run_dir: str | os.PathLike,
+    *roles: str,
+    config: dict | None = None,
+    option: str = "--data",
+    missing_ok: bool = False,
+) -> Path | None:
     """The first of the run's own data files, in the order of `roles`, that exists.
 
     Roles: "train" and "valid", the training and validation files the run's config.json records (training

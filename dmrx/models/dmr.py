@@ -163,7 +163,7 @@ class DinAttention(nn.Module):
     def _split(self):
         w = self.l1.weight
         d = self.d_e
-        w1, w2, w3, w4 = w[:, :d], w[:, d:2 * d], w[:, 2 * d:3 * d], w[:, 3 * d:]
+        w1, w2, w3, w4 = w[:, :d], w[:, d : 2 * d], w[:, 2 * d : 3 * d], w[:, 3 * d :]
         return w1 + w3, w2 - w3, w4
 
     def project(self, e: Tensor) -> Tensor:
@@ -177,7 +177,7 @@ class DinAttention(nn.Module):
         return torch.cat([proj, qpos], dim=-1)
 
     def scores(self, keys: Tensor, e: Tensor, query: Tensor | None = None) -> Tensor:
-        k, qpos = keys[..., :self.hidden], keys[..., self.hidden:]
+        k, qpos = keys[..., : self.hidden], keys[..., self.hidden :]
         q = qpos if query is None or self.q_target is None else qpos + self.q_target(query).unsqueeze(-2)
         q = self.act(q)
         wq, _, wqe = self._split()
@@ -195,7 +195,7 @@ def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
     stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])]))
     n = stats[-1]
     mean = stats[:d] / n
-    var = (stats[d:2 * d] / n - mean * mean).clamp_min(0.0)
+    var = (stats[d : 2 * d] / n - mean * mean).clamp_min(0.0)
     with torch.no_grad():
         m = bn.momentum
         bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
@@ -225,8 +225,9 @@ class DMR(nn.Module):
         dims = {t: d * (2 if cfg.shared_output and t == self.match_table else 1) for t in table_sizes}
         # sparse: a step touches only the rows it looks up, so its cost does not grow with the vocabulary
         # sorted: parameter order (which optimiser state follows) must not depend on where sizes came from
-        self.tables = nn.ModuleDict({t: nn.Embedding(table_sizes[t], dims[t], padding_idx=0, sparse=True)
-                                     for t in sorted(table_sizes)})
+        self.tables = nn.ModuleDict(
+            {t: nn.Embedding(table_sizes[t], dims[t], padding_idx=0, sparse=True) for t in sorted(table_sizes)}
+        )
         self.d_v = dims[self.match_table]
         if not cfg.shared_output:
             self.v_out = nn.Embedding(table_sizes[self.match_table], self.d_v, padding_idx=0, sparse=True)
@@ -248,10 +249,14 @@ class DMR(nn.Module):
         cols_e = self._columns([f"hist/{f}" for f in spec.behaviors], dims)
         cols_t = self._columns([f"target/{f}" for f in spec.target], dims)
         shared = [f for f in spec.behaviors if f in spec.target and table_of[f"hist/{f}"] == table_of[f"target/{f}"]]
-        self.register_buffer("prod_e", torch.tensor([c for f in shared for c in cols_e[f"hist/{f}"]],
-                                                    dtype=torch.long), persistent=False)
-        self.register_buffer("prod_t", torch.tensor([c for f in shared for c in cols_t[f"target/{f}"]],
-                                                    dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "prod_e", torch.tensor([c for f in shared for c in cols_e[f"hist/{f}"]], dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "prod_t",
+            torch.tensor([c for f in shared for c in cols_t[f"target/{f}"]], dtype=torch.long),
+            persistent=False,
+        )
         d_prod = len(self.prod_e) if cfg.target_product else 0
         d_in = d_p + d_t + d_c + (d_e + cfg.use_r_hat + d_prod if cfg.use_i2i else 0) + cfg.use_u2i
         # The MLP input mixes embeddings (~0.05), products of them (~0.003) and relevance units (up to tens):
@@ -360,14 +365,14 @@ class DMR(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return scale, bn.bias - bn.running_mean * scale
 
-    def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]
-                      ) -> dict[str, Tensor]:
+    def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Candidates of many users: `user` holds one row per user (from encode_user), `user_row[i]` says
         which of those rows candidate i belongs to. The history is encoded once per user, not per candidate."""
         return self.score_candidates({k: v.index_select(0, user_row) for k, v in user.items()}, batch)
 
-    def forward(self, batch: dict[str, Tensor], negatives: Tensor | None = None,
-                log_q: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, batch: dict[str, Tensor], negatives: Tensor | None = None, log_q: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """CTR logits (and r, r_hat) for aligned rows: user side and candidate side in one call.
         Given negatives (training), also the auxiliary loss "aux", reusing the user side's projections."""
         user = self.encode_user(batch)
@@ -377,8 +382,7 @@ class DMR(nn.Module):
         return out
 
     # ---- training -----------------------------------------------------------------------------------
-    def aux_loss(self, user: dict[str, Tensor], batch: dict[str, Tensor], negatives: Tensor,
-                 log_q: Tensor) -> Tensor:
+    def aux_loss(self, user: dict[str, Tensor], batch: dict[str, Tensor], negatives: Tensor, log_q: Tensor) -> Tensor:
         """Auxiliary match loss (Eq. 6-9): u_{T-1} predicts the most recent behaviour's match id.
 
         u_{T-1} is the User-to-Item network over all but the most recent behaviour, positions renumbered
@@ -402,6 +406,7 @@ class DMR(nn.Module):
             hit = negatives.unsqueeze(0) == pos_id.unsqueeze(1)
             neg_logit = (neg_logit - log_q[negatives]).masked_fill(hit, -1e4)
             logits = torch.cat([(pos_logit - log_q[pos_id]).unsqueeze(1), neg_logit], dim=1)
-            loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device),
-                                   reduction="none")
+            loss = F.cross_entropy(
+                logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="none"
+            )
         return (loss * valid).sum() / valid.sum().clamp_min(1.0)

@@ -41,8 +41,9 @@ def migrate(saved: dict) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise DmrxError(f"config_version {version!r} is not a version number")
     if version > CONFIG_VERSION:
-        raise DmrxError(f"config_version {version} is newer than this dmrx reads ({CONFIG_VERSION}): "
-                        "upgrade dmrx to load this run")
+        raise DmrxError(
+            f"config_version {version} is newer than this dmrx reads ({CONFIG_VERSION}): upgrade dmrx to load this run"
+        )
     if "model" not in out:
         raise DmrxError("the saved config has no 'model' section")
     for v in range(version, CONFIG_VERSION):

@@ -313,9 +313,7 @@ def load_index(run_dir: Path, run_manifest: dict | None = None) -> Index:
     if manifest.get("weights_hash") != run_manifest["files"].get("model.safetensors") or manifest.get(
         "vocab_hash"
     ) != run_manifest["files"].get("vocab.safetensors"):
-        raise DmrxError(
-            f"{path}: built for other weights than {run_dir}/model.safetensors (the run changed){rebuild}"
-        )
+        raise DmrxError(f"{path}: built for other weights than {run_dir}/model.safetensors (the run changed){rebuild}")
     for name in [f"{a}.npy" for a in ARRAYS]:
         if name not in manifest["files"]:
             raise DmrxError(f"{path}/manifest.json: lists no {name}{rebuild}")

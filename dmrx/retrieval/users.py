@@ -93,8 +93,6 @@ def _best_per_user(user, end, rank, file, seq):
     return user[last], end[keep], rank[keep], file[keep], seq[keep]
 
 
-
-
 class UserEncoder:
     """History batch -> u [B, d_v] float32, with torch (the run's model) or onnxruntime (the exported
     user_encoder graph, RUN/export/user_encoder.onnx)."""

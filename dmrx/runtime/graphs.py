@@ -53,8 +53,7 @@ class GraphSpec:
         if graph == "user_encoder":
             return [self.names[k] for k in self.hist_keys]
         if graph == "candidate_scorer":
-            return [USER_PREFIX + t for t in self.user_outputs] + ["user_row"] + \
-                [self.names[k] for k in self.cand_keys]
+            return [USER_PREFIX + t for t in self.user_outputs] + ["user_row"] + [self.names[k] for k in self.cand_keys]
         raise ValueError(graph)
 
     def outputs(self, graph: str) -> list[str]:
@@ -73,8 +72,9 @@ def to_feeds(batch: dict[str, np.ndarray], gs: GraphSpec, graph: str) -> dict[st
     return feeds
 
 
-def candidate_feeds(user: dict[str, np.ndarray], user_row: np.ndarray, batch: dict[str, np.ndarray],
-                    gs: GraphSpec) -> dict[str, np.ndarray]:
+def candidate_feeds(
+    user: dict[str, np.ndarray], user_row: np.ndarray, batch: dict[str, np.ndarray], gs: GraphSpec
+) -> dict[str, np.ndarray]:
     """The candidate_scorer's feeds: user-side tensors [U, ...], user_row [C], candidate features [C]."""
     feeds = {USER_PREFIX + k: np.ascontiguousarray(user[k], dtype=np.float32) for k in gs.user_outputs}
     feeds["user_row"] = np.ascontiguousarray(user_row, dtype=np.int64)

@@ -32,8 +32,14 @@ def batch_key(name: str) -> str:
     return name.replace("__", "/")
 
 
-NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
+NUMPY_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(double)": np.float64,
+}
 
 
 def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -70,8 +76,13 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
         if users and all(u.op_type == "Gemm" and u.input[1] == n.output[0] for u in users):
             gemm_attrs = [{a.name: helper.get_attribute_value(a) for a in u.attribute} for u in users]
             dq_act = [u.input[0] in producer and producer[u.input[0]].op_type == "DequantizeLinear" for u in users]
-            if len(users) == 1 and dq_act[0] and gemm_attrs[0].get("transA", 0) == 0 and \
-                    gemm_attrs[0].get("alpha", 1.0) == 1.0 and gemm_attrs[0].get("beta", 1.0) == 1.0:
+            if (
+                len(users) == 1
+                and dq_act[0]
+                and gemm_attrs[0].get("transA", 0) == 0
+                and gemm_attrs[0].get("alpha", 1.0) == 1.0
+                and gemm_attrs[0].get("beta", 1.0) == 1.0
+            ):
                 # a quantized Gemm with a float bias: ONNX Runtime fuses no integer kernel for it, but
                 # does for DQ -> MatMul <- DQ (MatMulIntegerToFloat) followed by the bias Add
                 u = users[0]
@@ -81,14 +92,19 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
                 wname = n.input[0] + "__kn"
                 folded.append(numpy_helper.from_array(w, wname))
                 mm_out = u.output[0] + "__mm"
-                nodes_for = [helper.make_node("DequantizeLinear", [wname, *n.input[1:]], [wname + "_dq"],
-                                              name=wname + "_DQ"),
-                             helper.make_node("MatMul", [u.input[0], wname + "_dq"],
-                                              [mm_out if len(u.input) > 2 and u.input[2] else u.output[0]],
-                                              name=u.name + "__MatMul")]
+                nodes_for = [
+                    helper.make_node("DequantizeLinear", [wname, *n.input[1:]], [wname + "_dq"], name=wname + "_DQ"),
+                    helper.make_node(
+                        "MatMul",
+                        [u.input[0], wname + "_dq"],
+                        [mm_out if len(u.input) > 2 and u.input[2] else u.output[0]],
+                        name=u.name + "__MatMul",
+                    ),
+                ]
                 if len(u.input) > 2 and u.input[2]:
-                    nodes_for.append(helper.make_node("Add", [mm_out, u.input[2]], list(u.output),
-                                                      name=u.name + "__Add"))
+                    nodes_for.append(
+                        helper.make_node("Add", [mm_out, u.input[2]], list(u.output), name=u.name + "__Add")
+                    )
                 replace[id(u)] = nodes_for
                 drop.add(id(n))
                 continue
@@ -103,10 +119,14 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
         drop.add(id(n))
         for u in users:
             raw = u.output[0] + "__int8"
-            gather = helper.make_node("Gather", [n.input[0], u.input[1]], [raw], name=u.name + "__int8",
-                                      **{a.name: helper.get_attribute_value(a) for a in u.attribute})
-            dq = helper.make_node("DequantizeLinear", [raw, *n.input[1:]], list(u.output),
-                                  name=u.name + "__dq")
+            gather = helper.make_node(
+                "Gather",
+                [n.input[0], u.input[1]],
+                [raw],
+                name=u.name + "__int8",
+                **{a.name: helper.get_attribute_value(a) for a in u.attribute},
+            )
+            dq = helper.make_node("DequantizeLinear", [raw, *n.input[1:]], list(u.output), name=u.name + "__dq")
             replace[id(u)] = [gather, dq]
     if not drop:
         return model
@@ -140,8 +160,12 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
 X64_PRECISION = ("session.x64quantprecision", "1")
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, providers: list[str] | None = None,
-            spinning: bool = True):
+def session(
+    model: onnx.ModelProto | str | os.PathLike,
+    threads: int = 0,
+    providers: list[str] | None = None,
+    spinning: bool = True,
+):
     """An ONNX Runtime session for a dmrx graph (a path or a ModelProto).
 
     threads: intra-op threads (0: ONNX Runtime's default, one per core). providers: execution providers in
@@ -167,9 +191,15 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, provid
         if cpu:
             options.add_session_config_entry(*X64_PRECISION)  # for any integer matmul in the graph
         if cpu and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
-            return ort.InferenceSession(for_cpu(model).SerializeToString(), options, providers=providers,
-                                        disabled_optimizers=["MatMulAddFusion"])
+            return ort.InferenceSession(
+                for_cpu(model).SerializeToString(),
+                options,
+                providers=providers,
+                disabled_optimizers=["MatMulAddFusion"],
+            )
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     except Exception as e:  # onnx and onnxruntime raise their own exception types
-        raise DmrxError(f"{where}: ONNX Runtime cannot load it ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise DmrxError(
+            f"{where}: ONNX Runtime cannot load it ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None

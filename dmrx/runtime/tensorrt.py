@@ -69,8 +69,14 @@ class Engine:
     def _torch_dtype(self, name: str):
         t = self._torch
         dt = self.engine.get_tensor_dtype(name)
-        return {self._trt.float32: t.float32, self._trt.float16: t.float16, self._trt.int64: t.int64,
-                self._trt.int32: t.int32, self._trt.bool: t.bool, self._trt.int8: t.int8}[dt]
+        return {
+            self._trt.float32: t.float32,
+            self._trt.float16: t.float16,
+            self._trt.int64: t.int64,
+            self._trt.int32: t.int32,
+            self._trt.bool: t.bool,
+            self._trt.int8: t.int8,
+        }[dt]
 
     def __call__(self, feeds: dict) -> dict:
         """feeds: input name -> torch tensor (moved to CUDA and cast to the engine's dtype if needed)."""

@@ -27,6 +27,7 @@ def available_cores() -> int:
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
+
 def load_model(model) -> tuple:
     """(Bundle, export directory or None, its manifest or None) from a run, an export directory, a Bundle,
     or None (the latest run).
@@ -50,8 +51,10 @@ def load_model(model) -> tuple:
             if not (run / "manifest.json").exists():
                 run = path.parent
             if not (run / "manifest.json").exists():
-                raise DmrxError(f"{path}: the export's run ({run}) is not available; scoring needs the run for "
-                                "its vocabularies and feature spec")
+                raise DmrxError(
+                    f"{path}: the export's run ({run}) is not available; scoring needs the run for "
+                    "its vocabularies and feature spec"
+                )
             b = run_bundle.load(run)
         else:
             b = run_bundle.load(path)
@@ -62,8 +65,10 @@ def load_model(model) -> tuple:
     made_from = manifest.get("source", {}).get("weights_sha256")
     if made_from != b.weights_hash:
         if explicit_export is not None:
-            raise DmrxError(f"{export_dir}: exported from other weights ({str(made_from)[:12]}) than the run "
-                            f"{b.path} ({b.weights_hash[:12]}); export the run again")
+            raise DmrxError(
+                f"{export_dir}: exported from other weights ({str(made_from)[:12]}) than the run "
+                f"{b.path} ({b.weights_hash[:12]}); export the run again"
+            )
         return b, None, None
     return b, export_dir, manifest
 
@@ -108,13 +113,25 @@ def auto_backend(manifest: dict | None, precision: str, device: str | None) -> t
         return "torch", "cpu"
     if precision == "fp16" and _has_graphs(manifest, precision):
         return "onnxruntime", "cpu"
-    raise DmrxError(f"--precision {precision} on CPU: torch scores fp32 or int8 on CPU, and "
-                    + ("onnxruntime needs the export's FP16 graphs (dmrx export --fp16)" if precision == "fp16"
-                       else "bf16 needs a CUDA GPU"))
+    raise DmrxError(
+        f"--precision {precision} on CPU: torch scores fp32 or int8 on CPU, and "
+        + (
+            "onnxruntime needs the export's FP16 graphs (dmrx export --fp16)"
+            if precision == "fp16"
+            else "bf16 needs a CUDA GPU"
+        )
+    )
 
 
-def make_backend(bundle, export_dir: Path | None, manifest: dict | None, backend: str, precision: str,
-                 device: str | None, threads: int | None):
+def make_backend(
+    bundle,
+    export_dir: Path | None,
+    manifest: dict | None,
+    backend: str,
+    precision: str,
+    device: str | None,
+    threads: int | None,
+):
     if backend == "auto":
         backend, device = auto_backend(manifest, precision, device)
     if backend == "torch":
@@ -122,8 +139,10 @@ def make_backend(bundle, export_dir: Path | None, manifest: dict | None, backend
 
         return TorchBackend(bundle, precision, device, threads)
     if backend in ("onnxruntime", "tensorrt") and export_dir is None:
-        raise DmrxError(f"--backend {backend} needs the run's export bundle ({bundle.path}/export with manifest.json, "
-                        f"made from these weights): run `dmrx export {bundle.path}` first")
+        raise DmrxError(
+            f"--backend {backend} needs the run's export bundle ({bundle.path}/export with manifest.json, "
+            f"made from these weights): run `dmrx export {bundle.path}` first"
+        )
     if backend == "onnxruntime":
         from dmrx.scoring.ort_backend import OrtBackend
 

@@ -42,7 +42,6 @@ def default_output(candidates: Path, shard: tuple[int, int] | None = None) -> Pa
     return candidates.with_name(f"{stem}.scores{tag}.h5")
 
 
-
 def _fingerprint(path: Path, n_rows: int) -> dict:
     st = path.stat()
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": n_rows}
@@ -82,10 +81,17 @@ def _chunks(data, scorer: Scorer, lo: int, hi: int, batch_size: int, chunk_rows:
         se = data.read_columns(c0, c1, ["seq", "end"])
         works, users, unknown = [], [], {}
         row = 0
-        for batch in data.batches(batch_size, scorer.max_len, row_range=(c0, c1), chunk_rows=chunk_rows,
-                                  encoder=enc, keys=keys, behavior_fields=list(spec.behaviors)):
+        for batch in data.batches(
+            batch_size,
+            scorer.max_len,
+            row_range=(c0, c1),
+            chunk_rows=chunk_rows,
+            encoder=enc,
+            keys=keys,
+            behavior_fields=list(spec.behaviors),
+        ):
             n = len(batch["user"])
-            first, inverse = group_rows(se["seq"][row:row + n], se["end"][row:row + n])
+            first, inverse = group_rows(se["seq"][row : row + n], se["end"][row : row + n])
             row += n
             users.append(batch["user"])
             hist = {k: np.ascontiguousarray(batch[k][first]) for k in scorer.hist_keys}
@@ -106,12 +112,23 @@ def _field_name(key: str) -> str:
     return {"user_index": "user"}.get(key, key)
 
 
-def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike | None = None,
-               backend: str = "auto", precision: str = "fp32", batch_size: int = DEFAULT_BATCH,
-               threads: int | None = None, resume: bool = False, shard: tuple[int, int] | None = None,
-               chunk_rows: int = DEFAULT_CHUNK, device: str | None = None, prefetch_depth: int = 2,
-               progress: Callable[[int, int], None] | None = None,
-               on_commit: Callable[[int], None] | None = None, scorer: Scorer | None = None) -> dict:
+def score_file(
+    candidates: str | os.PathLike,
+    model=None,
+    out: str | os.PathLike | None = None,
+    backend: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = DEFAULT_BATCH,
+    threads: int | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | None = None,
+    chunk_rows: int = DEFAULT_CHUNK,
+    device: str | None = None,
+    prefetch_depth: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+    on_commit: Callable[[int], None] | None = None,
+    scorer: Scorer | None = None,
+) -> dict:
     """Score a candidate file into OUT (default CANDIDATES.scores.h5); return the summary.
 
     progress(rows_done, rows_total) is called after every batch. on_commit(committed_rows) is called after
@@ -145,16 +162,29 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
         n_total = data.n_rows
         lo, hi = shard_range(data, *shard) if shard else (0, n_total)
         desc = scorer.describe()
-        ident = {"model_hash": scorer.model_hash, "backend": desc["backend"], "precision": desc["precision"],
-                 "input": _fingerprint(candidates, n_total), "row_range": [lo, hi],
-                 "shard": list(shard) if shard else None, "max_len": scorer.max_len}
+        ident = {
+            "model_hash": scorer.model_hash,
+            "backend": desc["backend"],
+            "precision": desc["precision"],
+            "input": _fingerprint(candidates, n_total),
+            "row_range": [lo, hi],
+            "shard": list(shard) if shard else None,
+            "max_len": scorer.max_len,
+        }
         if state is not None:
-            for key, what in (("model_hash", "model"), ("backend", "backend"), ("precision", "precision"),
-                              ("input", "input file"), ("row_range", "row range (shard)"),
-                              ("max_len", "history length")):
+            for key, what in (
+                ("model_hash", "model"),
+                ("backend", "backend"),
+                ("precision", "precision"),
+                ("input", "input file"),
+                ("row_range", "row range (shard)"),
+                ("max_len", "history length"),
+            ):
                 if state.get(key) != ident[key]:
-                    raise DmrxError(f"--resume: {pdir} was scored with another {what} ({state.get(key)!r}, "
-                                    f"now {ident[key]!r}); rerun without --resume to start over")
+                    raise DmrxError(
+                        f"--resume: {pdir} was scored with another {what} ({state.get(key)!r}, "
+                        f"now {ident[key]!r}); rerun without --resume to start over"
+                    )
         elif resume and out.exists():
             done = _complete_matches(out, ident)
             if done is not None:
@@ -164,9 +194,18 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
             shutil.rmtree(pdir, ignore_errors=True)
             pdir.mkdir(parents=True)
             (pdir / "scores.f32").touch()
-            state = {"version": STATE_VERSION, **ident, "batch_size": batch_size, "chunk_rows": chunk_rows,
-                     "threads": desc.get("threads"), "committed_rows": 0, "unknown": {}, "user_runs": 0,
-                     "last_user": None, "histories": 0}
+            state = {
+                "version": STATE_VERSION,
+                **ident,
+                "batch_size": batch_size,
+                "chunk_rows": chunk_rows,
+                "threads": desc.get("threads"),
+                "committed_rows": 0,
+                "unknown": {},
+                "user_runs": 0,
+                "last_user": None,
+                "histories": 0,
+            }
             _write_state(pdir, state)
         t_ready = time.perf_counter()
         committed = int(state["committed_rows"])
@@ -177,14 +216,19 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
             with open(pdir / "scores.f32", "r+b") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < committed * 4:
-                    raise DmrxError(f"--resume: {pdir}/scores.f32 holds fewer scores than state.json commits; "
-                                    "rerun without --resume to start over")
+                    raise DmrxError(
+                        f"--resume: {pdir}/scores.f32 holds fewer scores than state.json commits; "
+                        "rerun without --resume to start over"
+                    )
                 f.truncate(committed * 4)
                 f.seek(committed * 4)
                 if progress is not None:
                     progress(rows_done, hi - lo)
-                with prefetch(_chunks(data, scorer, start, hi, batch_size, chunk_rows), depth=prefetch_depth,
-                              name="dmrx-score-read") as chunks:
+                with prefetch(
+                    _chunks(data, scorer, start, hi, batch_size, chunk_rows),
+                    depth=prefetch_depth,
+                    name="dmrx-score-read",
+                ) as chunks:
                     for chunk in chunks:
                         scores = np.empty(chunk.stop - chunk.start, np.float32)
                         pos = 0
@@ -192,7 +236,7 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
                         results = scorer.score_works(chunk.works)
                         for work, users, res in zip(chunk.works, chunk.users, results, strict=True):
                             n = work.n_candidates
-                            scores[pos:pos + n] = res
+                            scores[pos : pos + n] = res
                             pos += n
                             state["histories"] += work.n_users
                             if n:
@@ -214,13 +258,25 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
                             on_commit(state["committed_rows"])
             if state["committed_rows"] != hi - lo:
                 raise DmrxError(f"{candidates}: scored {state['committed_rows']} of {hi - lo} rows")
-            attrs = {"dmrx_format": SCORES_FORMAT, "version": SCORES_VERSION, "model_hash": scorer.model_hash,
-                     "model": str(scorer.bundle.path), "backend": desc["backend"], "precision": desc["precision"],
-                     "device": str(desc.get("device", desc.get("providers", ""))),
-                     "input": str(candidates.resolve()), "input_rows": n_total, "input_bytes": ident["input"]["bytes"],
-                     "input_mtime_ns": ident["input"]["mtime_ns"], "row_start": lo, "row_stop": hi,
-                     "shard_index": shard[0] if shard else 0, "shard_count": shard[1] if shard else 1,
-                     "batch_size": batch_size, "dmrx_version": __version__}
+            attrs = {
+                "dmrx_format": SCORES_FORMAT,
+                "version": SCORES_VERSION,
+                "model_hash": scorer.model_hash,
+                "model": str(scorer.bundle.path),
+                "backend": desc["backend"],
+                "precision": desc["precision"],
+                "device": str(desc.get("device", desc.get("providers", ""))),
+                "input": str(candidates.resolve()),
+                "input_rows": n_total,
+                "input_bytes": ident["input"]["bytes"],
+                "input_mtime_ns": ident["input"]["mtime_ns"],
+                "row_start": lo,
+                "row_stop": hi,
+                "shard_index": shard[0] if shard else 0,
+                "shard_count": shard[1] if shard else 1,
+                "batch_size": batch_size,
+                "dmrx_version": __version__,
+            }
             _finish(out, pdir / "scores.f32", hi - lo, attrs)
         except DmrxError:
             shutil.rmtree(pdir, ignore_errors=True)  # bad input: nothing worth resuming, nothing left behind
@@ -229,13 +285,24 @@ def score_file(candidates: str | os.PathLike, model=None, out: str | os.PathLike
     t_end = time.perf_counter()
     scored = hi - lo - committed
     return {
-        "input": str(candidates), "output": str(out), "rows": hi - lo, "rows_scored_now": scored,
-        "resumed_from_row": resumed_from, "users": state["user_runs"], "user_encodings": state["histories"],
+        "input": str(candidates),
+        "output": str(out),
+        "rows": hi - lo,
+        "rows_scored_now": scored,
+        "resumed_from_row": resumed_from,
+        "users": state["user_runs"],
+        "user_encodings": state["histories"],
         "unknown_ids": {_field_name(k): v for k, v in sorted(state["unknown"].items())},
-        **{k: v for k, v in desc.items()}, "batch_size": batch_size, "chunk_rows": chunk_rows,
-        "shard": f"{shard[0]}/{shard[1]}" if shard else None, "row_range": [lo, hi],
-        "model": str(scorer.bundle.path), "model_hash": scorer.model_hash,
-        "wall_s": t_end - t0, "load_s": t_ready - t0, "score_s": t_end - t_ready,
+        **{k: v for k, v in desc.items()},
+        "batch_size": batch_size,
+        "chunk_rows": chunk_rows,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
+        "row_range": [lo, hi],
+        "model": str(scorer.bundle.path),
+        "model_hash": scorer.model_hash,
+        "wall_s": t_end - t0,
+        "load_s": t_ready - t0,
+        "score_s": t_end - t_ready,
         "rows_per_s": scored / (t_end - t_ready) if t_end > t_ready else 0.0,
     }
 
@@ -248,16 +315,27 @@ def _complete_matches(out: Path, ident: dict) -> dict | None:
             n = h5["score"].shape[0]
     except (OSError, KeyError):
         return None
-    same = (a.get("model_hash") == ident["model_hash"] and a.get("backend") == ident["backend"]
-            and a.get("precision") == ident["precision"] and a.get("input_bytes") == ident["input"]["bytes"]
-            and a.get("input_mtime_ns") == ident["input"]["mtime_ns"]
-            and [a.get("row_start"), a.get("row_stop")] == ident["row_range"]
-            and n == ident["row_range"][1] - ident["row_range"][0])
+    same = (
+        a.get("model_hash") == ident["model_hash"]
+        and a.get("backend") == ident["backend"]
+        and a.get("precision") == ident["precision"]
+        and a.get("input_bytes") == ident["input"]["bytes"]
+        and a.get("input_mtime_ns") == ident["input"]["mtime_ns"]
+        and [a.get("row_start"), a.get("row_stop")] == ident["row_range"]
+        and n == ident["row_range"][1] - ident["row_range"][0]
+    )
     if not same:
         return None
-    return {"input": ident["input"]["path"], "output": str(out), "rows": n, "rows_scored_now": 0,
-            "backend": ident["backend"], "precision": ident["precision"], "model_hash": ident["model_hash"],
-            "rows_per_s": 0.0}
+    return {
+        "input": ident["input"]["path"],
+        "output": str(out),
+        "rows": n,
+        "rows_scored_now": 0,
+        "backend": ident["backend"],
+        "precision": ident["precision"],
+        "model_hash": ident["model_hash"],
+        "rows_per_s": 0.0,
+    }
 
 
 def _finish(out: Path, raw: Path, n: int, attrs: dict, block: int = 1 << 20) -> None:
@@ -267,7 +345,6 @@ def _finish(out: Path, raw: Path, n: int, attrs: dict, block: int = 1 << 20) -> 
             ds = h5.create_dataset("score", shape=(n,), dtype="<f4")
             for s in range(0, n, block):
                 m = min(block, n - s)
-                ds[s:s + m] = np.frombuffer(f.read(4 * m), dtype="<f4")
+                ds[s : s + m] = np.frombuffer(f.read(4 * m), dtype="<f4")
             for k, v in attrs.items():
                 h5.attrs[k] = v
-

@@ -28,5 +28,9 @@ def flops_per_candidate(model) -> dict:
         user += T * d_e * H  # W_e e_t
         cand_attn += d_t * H + T * H + T * H + T * d_e + T  # W_q x_t, + keys, z.tanh(.), alpha e, r_hat
     grouped = 2 * (cand_attn + mlp - d_p * h1)
-    return {"full": 2 * (user + cand_attn + mlp), "grouped": grouped, "user_side": 2 * user,
-            "tanh_per_candidate": T * H if cfg.use_i2i else 0}
+    return {
+        "full": 2 * (user + cand_attn + mlp),
+        "grouped": grouped,
+        "user_side": 2 * user,
+        "tanh_per_candidate": T * H if cfg.use_i2i else 0,
+    }

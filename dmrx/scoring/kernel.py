@@ -161,8 +161,9 @@ def build(cc: str | None, cache: Path) -> tuple[ctypes.CDLL | None, str | None]:
         return None, "no C compiler found ($CC, cc, gcc, clang)"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE, cc, version, " ".join(FLAGS), platform.machine(),
-                                        _cpu_id()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            "\0".join([SOURCE, cc, version, " ".join(FLAGS), platform.machine(), _cpu_id()]).encode()
+        ).hexdigest()[:16]
         so = cache / f"dmrx_i2i-{key}.so"
         if not so.exists():
             cache.mkdir(parents=True, exist_ok=True)
@@ -170,8 +171,9 @@ def build(cc: str | None, cache: Path) -> tuple[ctypes.CDLL | None, str | None]:
                 src = Path(tmp) / "i2i.c"
                 src.write_text(SOURCE)
                 out = Path(tmp) / "i2i.so"
-                res = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True,
-                                     text=True, timeout=120)
+                res = subprocess.run(
+                    [cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True, timeout=120
+                )
                 if res.returncode != 0 or not out.exists():
                     last = (res.stderr or res.stdout or "no output").strip().splitlines()[-1:]
                     return None, f"C compiler {cc} failed: {last}"
@@ -185,8 +187,15 @@ def build(cc: str | None, cache: Path) -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"kernel build/load failed ({e.__class__.__name__}: {e})"
 
 
-def i2i(keys: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, q: torch.Tensor, z: torch.Tensor,
-        user_row: torch.Tensor, exp_form: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def i2i(
+    keys: torch.Tensor,
+    e: torch.Tensor,
+    mask: torch.Tensor,
+    q: torch.Tensor,
+    z: torch.Tensor,
+    user_row: torch.Tensor,
+    exp_form: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """u_hat [B, D] and r_hat [B] (CPU float32). exp_form None: the exp form when the batch allows it."""
     lib = _lib or load()  # a scorer that loaded the kernel keeps it, whatever the environment says later
     if lib is None:
@@ -205,8 +214,21 @@ def i2i(keys: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, q: torch.Tensor
     u_hat = torch.empty(B, D, dtype=torch.float32)
     r_hat = torch.empty(B, dtype=torch.float32)
     if B:
-        rc = lib.dmrx_i2i(keys.data_ptr(), e.data_ptr(), mask.data_ptr(), q.data_ptr(), z.data_ptr(),
-                          row.data_ptr(), B, T, H, D, int(exp_form), u_hat.data_ptr(), r_hat.data_ptr())
+        rc = lib.dmrx_i2i(
+            keys.data_ptr(),
+            e.data_ptr(),
+            mask.data_ptr(),
+            q.data_ptr(),
+            z.data_ptr(),
+            row.data_ptr(),
+            B,
+            T,
+            H,
+            D,
+            int(exp_form),
+            u_hat.data_ptr(),
+            r_hat.data_ptr(),
+        )
         if rc:
             raise RuntimeError(f"dmrx i2i kernel: history length {T} is over its limit of 4096")
     return u_hat, r_hat

@@ -19,14 +19,17 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, export_dir: Path, manifest: dict, precision: str, device: str | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self, export_dir: Path, manifest: dict, precision: str, device: str | None = None, threads: int | None = None
+    ):
         import onnxruntime as ort
 
         have = manifest.get("precisions", ["fp32"])
         if precision not in have or precision == "bf16":
-            raise DmrxError(f"--backend onnxruntime --precision {precision}: {export_dir} has "
-                            f"{', '.join(have)} graphs (export with --fp16 / --int8)")
+            raise DmrxError(
+                f"--backend onnxruntime --precision {precision}: {export_dir} has "
+                f"{', '.join(have)} graphs (export with --fp16 / --int8)"
+            )
         files = export_bundle.split_graphs(export_dir, manifest, precision)
         if files is None:
             raise DmrxError(f"{export_dir}: the {precision} user_encoder/candidate_scorer graphs are missing")
@@ -38,23 +41,28 @@ class OrtBackend:
                 if p in available:
                     providers.insert(0, p)
             if len(providers) == 1:
-                raise DmrxError(f"--backend onnxruntime --device {device}: this onnxruntime has no CUDA or "
-                                f"TensorRT execution provider (has {', '.join(available)})")
+                raise DmrxError(
+                    f"--backend onnxruntime --device {device}: this onnxruntime has no CUDA or "
+                    f"TensorRT execution provider (has {', '.join(available)})"
+                )
         gpu = len(providers) > 1
         # on CPU, as torch: `threads` workers, each running session.run on one thread (sessions are thread-safe)
         self.workers = 1 if gpu else int(threads or available_cores())
         self.user = session(files["user_encoder"], threads=0 if gpu else 1, providers=providers, spinning=False)
-        self.cand = session(files["candidate_scorer"], threads=0 if gpu else 1, providers=providers,
-                            spinning=False)
+        self.cand = session(files["candidate_scorer"], threads=0 if gpu else 1, providers=providers, spinning=False)
         self.threads = self.workers
         self.providers = self.cand.get_providers()
         self.files = files
         key_of = {v: k for k, v in manifest.get("input_names", {}).items()}
-        self.user_in = [(i.name, key_of.get(i.name, batch_key(i.name)), NUMPY_DTYPES.get(i.type, np.float32))
-                        for i in self.user.get_inputs()]
+        self.user_in = [
+            (i.name, key_of.get(i.name, batch_key(i.name)), NUMPY_DTYPES.get(i.type, np.float32))
+            for i in self.user.get_inputs()
+        ]
         self.user_out = [o.name for o in self.user.get_outputs()]
-        self.cand_in = [(i.name, key_of.get(i.name, batch_key(i.name)), NUMPY_DTYPES.get(i.type, np.float32))
-                        for i in self.cand.get_inputs()]
+        self.cand_in = [
+            (i.name, key_of.get(i.name, batch_key(i.name)), NUMPY_DTYPES.get(i.type, np.float32))
+            for i in self.cand.get_inputs()
+        ]
         outs = [o.name for o in self.cand.get_outputs()]
         if "ctr" not in outs:
             raise DmrxError(f"{files['candidate_scorer']}: no 'ctr' output (has {outs})")
@@ -73,7 +81,7 @@ class OrtBackend:
         feeds = {}
         for name, key, dt in self.cand_in:
             if name.startswith(USER_PREFIX):
-                x = user[name[len(USER_PREFIX):]]
+                x = user[name[len(USER_PREFIX) :]]
             elif name == "user_row":
                 x = work.user_row
             elif key in work.cand:
@@ -84,7 +92,11 @@ class OrtBackend:
         return np.asarray(self.cand.run(["ctr"], feeds)[0], dtype=np.float32).reshape(-1)
 
     def describe(self) -> dict:
-        return {"backend": "onnxruntime", "precision": self.precision, "providers": list(self.providers),
-                "device": "cuda" if any(p != "CPUExecutionProvider" for p in self.providers) else "cpu",
-                "threads": self.threads,
-                "path": f"{self.files['user_encoder'].name} + {self.files['candidate_scorer'].name}"}
+        return {
+            "backend": "onnxruntime",
+            "precision": self.precision,
+            "providers": list(self.providers),
+            "device": "cuda" if any(p != "CPUExecutionProvider" for p in self.providers) else "cpu",
+            "threads": self.threads,
+            "path": f"{self.files['user_encoder'].name} + {self.files['candidate_scorer'].name}",
+        }

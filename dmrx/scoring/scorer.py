@@ -48,8 +48,14 @@ class Work:
         out = []
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=False):
             users, row = np.unique(self.user_row[a:b], return_inverse=True)
-            out.append(Work({k: v[users] for k, v in self.hist.items()}, self.hist_len[users],
-                            row.reshape(-1).astype(np.int64), {k: v[a:b] for k, v in self.cand.items()}))
+            out.append(
+                Work(
+                    {k: v[users] for k, v in self.hist.items()},
+                    self.hist_len[users],
+                    row.reshape(-1).astype(np.int64),
+                    {k: v[a:b] for k, v in self.cand.items()},
+                )
+            )
         return out
 
 
@@ -85,8 +91,14 @@ class Scorer:
     backend offers: see docs/scoring.md). threads: CPU threads (torch intra-op / onnxruntime intra-op).
     """
 
-    def __init__(self, model=None, backend: str = "auto", precision: str = "fp32", device: str | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        model=None,
+        backend: str = "auto",
+        precision: str = "fp32",
+        device: str | None = None,
+        threads: int | None = None,
+    ):
         from dmrx.scoring.backends import load_model, make_backend
 
         if backend not in BACKENDS:
@@ -99,8 +111,7 @@ class Scorer:
         self.spec = self.bundle.spec
         self.max_len = self.bundle.model.cfg.max_len
         self.encoder = self.bundle.encoder()
-        self.backend = make_backend(self.bundle, self.export_dir, export_manifest, backend, precision, device,
-                                    threads)
+        self.backend = make_backend(self.bundle, self.export_dir, export_manifest, backend, precision, device, threads)
         self._pool = None
         self.hist_keys = [f"hist/{f}" for f in self.spec.behaviors]
         self.cand_keys = [k for k in self.spec.batch_keys() if k != "user"]
@@ -187,7 +198,7 @@ class Scorer:
                 arr = arr.astype(np.int64, copy=False)
                 width = arr.shape[1]
                 if width >= T:
-                    arr = arr[:, width - T:]
+                    arr = arr[:, width - T :]
                 else:
                     arr = np.concatenate([np.zeros((B, T - width), np.int64), arr], axis=1)
                 hist[k] = np.ascontiguousarray(arr)
@@ -198,14 +209,16 @@ class Scorer:
             lens = np.array([len(s) for s in seqs], np.int64)
             if lengths is not None and not np.array_equal(lens, lengths):
                 row = int(np.argmax(lens != lengths))
-                raise DmrxError(f"batch column {k} row {row}: history length {lens[row]} differs from the "
-                                f"other behaviour fields' {lengths[row]}")
+                raise DmrxError(
+                    f"batch column {k} row {row}: history length {lens[row]} differs from the "
+                    f"other behaviour fields' {lengths[row]}"
+                )
             lengths = lens
             out = np.zeros((B, T), np.int64)
             for i, s in enumerate(seqs):
                 s = np.asarray(s, dtype=np.int64)[-T:]
                 if len(s):
-                    out[i, T - len(s):] = s
+                    out[i, T - len(s) :] = s
             hist[k] = out
         if "hist_len" in cols:
             hl = np.asarray(cols["hist_len"]).astype(np.int64)
@@ -258,4 +271,3 @@ class Scorer:
         out = dict(batch)
         out["score"] = self.score_batch(batch)
         return out
-

@@ -53,7 +53,6 @@ def shard_range(data, index: int, count: int, window: int = 4096) -> tuple[int, 
     return boundary(index), boundary(index + 1)
 
 
-
 def read_scores_attrs(path: Path) -> tuple[dict, int]:
     path = Path(path)
     if not path.exists():
@@ -81,16 +80,28 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike | None =
     for p in paths:
         attrs, n = read_scores_attrs(Path(p))
         if n != attrs["row_stop"] - attrs["row_start"]:
-            raise DmrxError(f"{p}: dataset /score has {n} rows, its row range {attrs['row_start']}:"
-                            f"{attrs['row_stop']} needs {attrs['row_stop'] - attrs['row_start']}")
+            raise DmrxError(
+                f"{p}: dataset /score has {n} rows, its row range {attrs['row_start']}:"
+                f"{attrs['row_stop']} needs {attrs['row_stop'] - attrs['row_start']}"
+            )
         shards.append((Path(p), attrs, n))
     ref = shards[0][1]
     for p, a, _ in shards[1:]:
-        for key in ("input", "input_rows", "input_bytes", "input_mtime_ns", "model_hash", "backend", "precision",
-                    "shard_count"):
+        for key in (
+            "input",
+            "input_rows",
+            "input_bytes",
+            "input_mtime_ns",
+            "model_hash",
+            "backend",
+            "precision",
+            "shard_count",
+        ):
             if a.get(key) != ref.get(key):
-                raise DmrxError(f"{p}: {key} {a.get(key)!r} differs from {shards[0][0]}'s {ref.get(key)!r}; "
-                                "shards to merge must come from one input, model, backend and precision")
+                raise DmrxError(
+                    f"{p}: {key} {a.get(key)!r} differs from {shards[0][0]}'s {ref.get(key)!r}; "
+                    "shards to merge must come from one input, model, backend and precision"
+                )
     count = int(ref["shard_count"])
     seen = sorted(int(a["shard_index"]) for _, a, _ in shards)
     if seen != list(range(count)):
@@ -121,11 +132,17 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike | None =
             for p, a, n in shards:
                 with h5py.File(p, "r") as src:
                     for s in range(0, n, block):
-                        ds[a["row_start"] + s:a["row_start"] + min(s + block, n)] = src["score"][s:s + block]
+                        ds[a["row_start"] + s : a["row_start"] + min(s + block, n)] = src["score"][s : s + block]
             attrs = dict(ref)
             attrs.update(row_start=0, row_stop=total, shard_index=0, shard_count=1, merged_from=len(shards))
             for k, v in attrs.items():
                 h5.attrs[k] = v
-    return {"output": str(out), "rows": total, "shards": len(shards), "backend": ref["backend"],
-            "precision": ref["precision"], "model_hash": ref["model_hash"], "wall_s": time.perf_counter() - t0}
-
+    return {
+        "output": str(out),
+        "rows": total,
+        "shards": len(shards),
+        "backend": ref["backend"],
+        "precision": ref["precision"],
+        "model_hash": ref["model_hash"],
+        "wall_s": time.perf_counter() - t0,
+    }

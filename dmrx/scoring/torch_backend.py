@@ -172,15 +172,15 @@ class GroupedCandidates(nn.Module):
         step = V if e.is_cuda else max(1, self.block_elems // (g * T * H))
         buf = keys.new_empty(min(step, V), g, T, H)
         for s in range(0, V, step):
-            vu = vuser[s:s + step]
+            vu = vuser[s : s + step]
             n = vu.shape[0]
-            h = torch.add(keys.index_select(0, vu).unsqueeze(1), q_pad[s:s + n].unsqueeze(2), out=buf[:n])
+            h = torch.add(keys.index_select(0, vu).unsqueeze(1), q_pad[s : s + n].unsqueeze(2), out=buf[:n])
             h.tanh_()
             a = torch.mm(h.view(-1, H), z).view(n, g, T)
             m = mask.index_select(0, vu).unsqueeze(1)  # [n, 1, T]
-            rh[s:s + n] = (a * m).sum(dim=-1)
+            rh[s : s + n] = (a * m).sum(dim=-1)
             alpha = masked_softmax(a, m > 0)
-            torch.bmm(alpha, e.index_select(0, vu), out=uh[s:s + n])
+            torch.bmm(alpha, e.index_select(0, vu), out=uh[s : s + n])
         return uh.view(V * g, -1)[slot], rh.view(V * g)[slot]
 
     def forward(self, user: dict[str, Tensor], user_row: Tensor, cand: dict[str, Tensor]) -> Tensor:
@@ -212,14 +212,14 @@ class GroupedCandidates(nn.Module):
             prof = (x_p @ self.w1_p if self.int8 else torch.addmm(self.first.bias, x_p, self.w1_p), row)
         # the MLP in row blocks: a block's activations stay in cache from one layer to the next
         step = x.shape[0] if x.is_cuda else self.mlp_rows
-        return torch.cat([self._mlp(x[s:s + step], prof, s) for s in range(0, x.shape[0], step)])
+        return torch.cat([self._mlp(x[s : s + step], prof, s) for s in range(0, x.shape[0], step)])
 
     def _mlp(self, x: Tensor, prof: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
         if prof is None:
             pre = self.first(x)
         else:
             p, row = prof
-            bias = p.index_select(0, row[start:start + x.shape[0]])
+            bias = p.index_select(0, row[start : start + x.shape[0]])
             if self.int8:
                 pre = self.first(x).add_(bias)
             else:
@@ -237,19 +237,30 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, bundle, precision: str = "fp32", device: str | None = None, threads: int | None = None,
-                 grouped: bool = True, kernel: bool = True):
+    def __init__(
+        self,
+        bundle,
+        precision: str = "fp32",
+        device: str | None = None,
+        threads: int | None = None,
+        grouped: bool = True,
+        kernel: bool = True,
+    ):
         kernel_ok = kernel
         self.kernel_note: str | None = None
         self.device = pick_device(device)
         self.precision = precision
         cuda = self.device.type == "cuda"
         if precision in ("fp16", "bf16") and not cuda:
-            raise DmrxError(f"--backend torch --precision {precision} needs a CUDA GPU (on CPU torch scores "
-                            "fp32 or int8; onnxruntime runs the exported FP16 graphs)")
+            raise DmrxError(
+                f"--backend torch --precision {precision} needs a CUDA GPU (on CPU torch scores "
+                "fp32 or int8; onnxruntime runs the exported FP16 graphs)"
+            )
         if precision == "int8" and cuda:
-            raise DmrxError("--backend torch --precision int8 runs on CPU only (dynamic int8 GEMMs); on a GPU "
-                            "use --backend tensorrt with the exported INT8 engines")
+            raise DmrxError(
+                "--backend torch --precision int8 runs on CPU only (dynamic int8 GEMMs); on a GPU "
+                "use --backend tensorrt with the exported INT8 engines"
+            )
         if precision not in ("fp32", "fp16", "bf16", "int8"):
             raise DmrxError(f"--precision must be fp32, fp16, bf16 or int8, got {precision!r}")
         # CPU parallelism: `threads` workers each score whole batches with one torch thread. No OpenMP
@@ -279,17 +290,26 @@ class TorchBackend:
                         fast.kernel = True
                         fast.kernel = kernel = self._agrees(fast)
                         if not kernel:
-                            warnings.warn("dmrx score: the fused I2I kernel disagrees with torch on a check "
-                                          "batch; using torch ops", RuntimeWarning, stacklevel=2)
+                            warnings.warn(
+                                "dmrx score: the fused I2I kernel disagrees with torch on a check "
+                                "batch; using torch ops",
+                                RuntimeWarning,
+                                stacklevel=2,
+                            )
                     self.kernel_note = score_kernel.reason
                 if precision == "int8":
                     fast = GroupedCandidates(model, int8=True, kernel=kernel).eval()
                 self.grouped = fast
-                self.path = ("grouped, fused C attention kernel" if kernel else "grouped, torch attention") + \
-                    (", int8 MLP" if precision == "int8" else "")
+                self.path = ("grouped, fused C attention kernel" if kernel else "grouped, torch attention") + (
+                    ", int8 MLP" if precision == "int8" else ""
+                )
             else:
-                warnings.warn("dmrx score: the grouped torch path disagrees with model.score_grouped on a "
-                              "check batch; using the reference path", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    "dmrx score: the grouped torch path disagrees with model.score_grouped on a "
+                    "check batch; using the reference path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if self.grouped is None and precision == "int8":
             self.model = copy.deepcopy(self.model)
             self.model.mlp = _quantize_int8(self.model.mlp)
@@ -301,8 +321,9 @@ class TorchBackend:
             t = t.to(self.dtype)
         return t.to(self.device, non_blocking=True)
 
-    def _reference(self, user: dict[str, Tensor], user_row: Tensor, cand: dict[str, Tensor],
-                   block: int = 2048) -> Tensor:
+    def _reference(
+        self, user: dict[str, Tensor], user_row: Tensor, cand: dict[str, Tensor], block: int = 2048
+    ) -> Tensor:
         outs = []
         for s in range(0, user_row.shape[0], block):
             sl = slice(s, s + block)
@@ -352,8 +373,7 @@ class TorchBackend:
             return torch.sigmoid(self.logits(work).float()).cpu().numpy()
 
     def describe(self) -> dict:
-        d = {"backend": "torch", "precision": self.precision, "device": str(self.device),
-             "path": self.path}
+        d = {"backend": "torch", "precision": self.precision, "device": str(self.device), "path": self.path}
         if self.kernel_note:
             d["kernel"] = self.kernel_note
         if self.device.type == "cpu":

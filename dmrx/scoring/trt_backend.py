@@ -24,8 +24,10 @@ class TensorRTBackend:
             raise DmrxError(f"--backend tensorrt: {reason}")
         engines = export_bundle.engines(export_dir, manifest, precision)
         if engines is None:
-            raise DmrxError(f"--backend tensorrt --precision {precision}: {export_dir}/engines has no "
-                            f"{precision} engines (dmrx export --engine tensorrt)")
+            raise DmrxError(
+                f"--backend tensorrt --precision {precision}: {export_dir}/engines has no "
+                f"{precision} engines (dmrx export --engine tensorrt)"
+            )
         self.precision = precision
         self.user = Engine(engines["user_encoder"])
         self.cand = Engine(engines["candidate_scorer"])
@@ -40,13 +42,12 @@ class TensorRTBackend:
         key_of = {v: k for k, v in self.names.items()}
         src = dict(work.hist)
         src["hist_len"] = work.hist_len
-        feeds = {n: torch.from_numpy(np.ascontiguousarray(src[key_of.get(n, batch_key(n))]))
-                 for n in self.user.inputs}
+        feeds = {n: torch.from_numpy(np.ascontiguousarray(src[key_of.get(n, batch_key(n))])) for n in self.user.inputs}
         user = self.user(feeds)
         feeds = {}
         for n in self.cand.inputs:
             if n.startswith(USER_PREFIX):
-                feeds[n] = user[n[len(USER_PREFIX):]]
+                feeds[n] = user[n[len(USER_PREFIX) :]]
             elif n == "user_row":
                 feeds[n] = torch.from_numpy(work.user_row)
             else:
@@ -56,5 +57,10 @@ class TensorRTBackend:
     def describe(self) -> dict:
         import torch
 
-        return {"backend": "tensorrt", "precision": self.precision, "device": "cuda",
-                "gpu": torch.cuda.get_device_name(0), "path": ", ".join(p.name for p in self.engines.values())}
+        return {
+            "backend": "tensorrt",
+            "precision": self.precision,
+            "device": "cuda",
+            "gpu": torch.cuda.get_device_name(0),
+            "path": ", ".join(p.name for p in self.engines.values()),
+        }

@@ -73,7 +73,7 @@ class Dist:
         offset = 0
         for p in dense:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
         for p in sparse:
             p.grad = self._sum_sparse(p)
@@ -96,8 +96,8 @@ class Dist:
         vals = [torch.empty_like(val_p) for _ in range(self.world)]
         dist.all_gather(idxs, idx_p)
         dist.all_gather(vals, val_p)
-        keep_i = torch.cat([i[:int(s.item())] for i, s in zip(idxs, sizes, strict=True)])
-        keep_v = torch.cat([v[:int(s.item())] for v, s in zip(vals, sizes, strict=True)]) / self.world
+        keep_i = torch.cat([i[: int(s.item())] for i, s in zip(idxs, sizes, strict=True)])
+        keep_v = torch.cat([v[: int(s.item())] for v, s in zip(vals, sizes, strict=True)]) / self.world
         return torch.sparse_coo_tensor(keep_i.unsqueeze(0), keep_v, p.shape).coalesce()
 
     def close(self) -> None:

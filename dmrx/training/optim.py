@@ -37,5 +37,5 @@ class LazyAdam(torch.optim.Optimizer):
                 v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
                 state["exp_avg"].index_copy_(0, rows, m)
                 state["exp_avg_sq"].index_copy_(0, rows, v)
-                step_size = group["lr"] * (1 - beta2 ** step) ** 0.5 / (1 - beta1 ** step)
+                step_size = group["lr"] * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
                 p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)

@@ -183,8 +183,9 @@ def _save_checkpoint(run_dir: Path, model, best_state, opts, progress: dict) -> 
     if (ckpts / name).exists():
         return
     with atomic_dir(ckpts / name) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
+        )
         save_file(best_state, str(tmp / "best.safetensors"))
         tensors, meta = _optim_tensors(opts)
         save_file(tensors, str(tmp / "optim.safetensors"))
@@ -224,8 +225,15 @@ def _state_copy(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def train(train_path: Path, valid_path: Path | None, run_dir: Path, model_cfg: DMRConfig,
-          train_cfg: TrainConfig, resume: bool = False, progress: Callable[..., Any] | None = None) -> dict:
+def train(
+    train_path: Path,
+    valid_path: Path | None,
+    run_dir: Path,
+    model_cfg: DMRConfig,
+    train_cfg: TrainConfig,
+    resume: bool = False,
+    progress: Callable[..., Any] | None = None,
+) -> dict:
     """Train a model and write its bundle to run_dir; return the summary.
 
     progress: start(description, total, completed=..., unit=...) -> task, with task.update(completed, ...)
@@ -264,12 +272,20 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         spec = declare(data.fields, model_cfg.match_field, model_cfg.use_user_id)
         vocabs, counts = fit(spec, data, train_cfg.min_count)
         if dist.main:
-            write_json(run_dir / "config.json", {
-                "config_version": CONFIG_VERSION, "model": model_cfg.to_json(), "train": asdict(train_cfg),
-                "world_size": dist.world,
-                # absolute: later commands (export's calibration, index build) may run from elsewhere
-                "data": {"train": str(Path(train_path).resolve()),
-                         "valid": str(Path(valid_path).resolve()) if valid_path else None}})
+            write_json(
+                run_dir / "config.json",
+                {
+                    "config_version": CONFIG_VERSION,
+                    "model": model_cfg.to_json(),
+                    "train": asdict(train_cfg),
+                    "world_size": dist.world,
+                    # absolute: later commands (export's calibration, index build) may run from elsewhere
+                    "data": {
+                        "train": str(Path(train_path).resolve()),
+                        "valid": str(Path(valid_path).resolve()) if valid_path else None,
+                    },
+                },
+            )
             write_json(run_dir / "schema.json", spec.to_json())
             bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
     encoder = Encoder(spec, vocabs)
@@ -283,8 +299,18 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
     use_aux = model_cfg.model == "dmr" and model_cfg.use_u2i and model_cfg.beta > 0 and sampler.usable
     amp = device.type == "cuda"
     log_path = run_dir / "metrics.jsonl"
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0, "best_epoch": -1, "bad_epochs": 0,
-             "log_bytes": 0, "train_seconds": 0.0, "examples": 0, "done": False}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "best_auc": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "log_bytes": 0,
+        "train_seconds": 0.0,
+        "examples": 0,
+        "done": False,
+    }
     best_state = _state_copy(model)
     if resume:
         state, best_state = _load_checkpoint(run_dir, model, opts)
@@ -349,16 +375,27 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         return loss_t.item(), loss_aux.item()
 
     # one bar, restarted at each epoch; under torchrun rank 0 alone reports
-    bar = (progress(f"epoch {state['epoch'] + 1}", n_batches, completed=state["batch"], unit="batches").update
-           if progress is not None and dist.main else lambda completed=None, **kwargs: None)
+    bar = (
+        progress(f"epoch {state['epoch'] + 1}", n_batches, completed=state["batch"], unit="batches").update
+        if progress is not None and dist.main
+        else lambda completed=None, **kwargs: None
+    )
     model.train()
     t_last, ex_last = time.perf_counter(), state["examples"]
     sums = {"loss": 0.0, "aux": 0.0, "n": 0}
     while not state["done"] and state["epoch"] < train_cfg.epochs:
         t0 = time.perf_counter()
-        batches = data.batches(train_cfg.batch_size, model_cfg.max_len, shuffle=True, seed=train_cfg.seed,
-                               epoch=state["epoch"], start_batch=state["batch"], encoder=encoder, keys=keys,
-                               behavior_fields=spec.behaviors)
+        batches = data.batches(
+            train_cfg.batch_size,
+            model_cfg.max_len,
+            shuffle=True,
+            seed=train_cfg.seed,
+            epoch=state["epoch"],
+            start_batch=state["batch"],
+            encoder=encoder,
+            keys=keys,
+            behavior_fields=spec.behaviors,
+        )
         for batch in batches:
             loss_t, loss_aux = step(batch)
             state["step"] += 1
@@ -371,15 +408,21 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
                 now = time.perf_counter()
                 speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
                 t_last, ex_last = now, state["examples"]
-                rec = {"step": state["step"], "epoch": state["epoch"], "loss": sums["loss"] / sums["n"],
-                       "aux_loss": sums["aux"] / sums["n"], "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
-                       "examples_per_s": speed}
+                rec = {
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": sums["loss"] / sums["n"],
+                    "aux_loss": sums["aux"] / sums["n"],
+                    "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
+                    "examples_per_s": speed,
+                }
                 write_log(rec)
                 bar(state["batch"], info=f"{speed:,.0f} ex/s  loss {rec['loss']:.4f}  aux {rec['aux_loss']:.3f}")
                 sums = {"loss": 0.0, "aux": 0.0, "n": 0}
             if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
-                write_log({"step": state["step"], "epoch": state["epoch"],
-                           **_validate(model, encoder, valid, device, dist)})
+                write_log(
+                    {"step": state["step"], "epoch": state["epoch"], **_validate(model, encoder, valid, device, dist)}
+                )
             if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
                 state["done"] = True
                 break
@@ -398,11 +441,18 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
     data.close()
     if valid is not None:
         valid.close()
-    summary = {"best_val_auc": state["best_auc"] if valid is not None else None,
-               "best_epoch": state["best_epoch"] + 1, "epochs_run": state["epoch"], "steps": state["step"],
-               "examples": state["examples"], "train_seconds": state["train_seconds"],
-               "examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9), "device": str(device),
-               "world_size": dist.world, "aux_loss": bool(use_aux)}
+    summary = {
+        "best_val_auc": state["best_auc"] if valid is not None else None,
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"],
+        "steps": state["step"],
+        "examples": state["examples"],
+        "train_seconds": state["train_seconds"],
+        "examples_per_s": state["examples"] / max(state["train_seconds"], 1e-9),
+        "device": str(device),
+        "world_size": dist.world,
+        "aux_loss": bool(use_aux),
+    }
     if dist.main:
         log.close()
         model.load_state_dict(best_state)

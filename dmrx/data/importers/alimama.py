@@ -75,9 +75,20 @@ from dmrx.errors import DmrxError
 FILES = {
     "raw_sample": ("raw_sample.csv", ("user", "time_stamp", "adgroup_id", "pid", "clk")),
     "ad_feature": ("ad_feature.csv", ("adgroup_id", "cate_id", "campaign_id", "customer", "brand", "price")),
-    "user_profile": ("user_profile.csv", ("userid", "cms_segid", "cms_group_id", "final_gender_code",
-                                          "age_level", "pvalue_level", "shopping_level", "occupation",
-                                          "new_user_class_level")),
+    "user_profile": (
+        "user_profile.csv",
+        (
+            "userid",
+            "cms_segid",
+            "cms_group_id",
+            "final_gender_code",
+            "age_level",
+            "pvalue_level",
+            "shopping_level",
+            "occupation",
+            "new_user_class_level",
+        ),
+    ),
     "behavior_log": ("behavior_log.csv", ("user", "time_stamp", "btag", "cate", "brand")),
 }
 PROFILE_FIELDS = FILES["user_profile"][1][1:]
@@ -115,8 +126,9 @@ class _Block:
         bad = nonblank & (count != ncols - 1)
         if bad.any():
             i = int(np.argmax(bad))
-            raise DmrxError(f"{path}: line {first_line + i}: expected {ncols} comma-separated fields, found "
-                            f"{int(count[i]) + 1}")
+            raise DmrxError(
+                f"{path}: line {first_line + i}: expected {ncols} comma-separated fields, found {int(count[i]) + 1}"
+            )
         keep = np.flatnonzero(nonblank)
         self.first_line = first_line
         self.keep = keep
@@ -136,7 +148,7 @@ class _Block:
 
     def text(self, name: str, row: int) -> str:
         s, e = self._span(name)
-        return bytes(self.buf[s[row]:e[row]]).decode("utf-8", "replace")
+        return bytes(self.buf[s[row] : e[row]]).decode("utf-8", "replace")
 
     def fail(self, name: str, row: int, what: str) -> DmrxError:
         value = self.text(name, row)
@@ -225,8 +237,9 @@ def _header(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], int]
         raise DmrxError(f"{path}: line 1: the header is not UTF-8 text") from None
     missing = [c for c in required if c not in names]
     if missing:
-        raise DmrxError(f"{path}: line 1: missing column(s) {', '.join(missing)} (the header has: "
-                        f"{','.join(names)[:200]})")
+        raise DmrxError(
+            f"{path}: line 1: missing column(s) {', '.join(missing)} (the header has: {','.join(names)[:200]})"
+        )
     columns = {c: names.index(c) for c in required}
     columns["__ncols__"] = len(names)
     return columns, len(first)
@@ -251,7 +264,7 @@ def _blocks(path: Path, required: tuple[str, ...], chunk_rows: int) -> Iterator[
             cut = pending.rfind(b"\n")
             if cut < 0:  # one line longer than a block: read on
                 continue
-            text, pending = pending[:cut + 1], pending[cut + 1:]
+            text, pending = pending[: cut + 1], pending[cut + 1 :]
             yield _Block(path, text, columns, line)
             line += text.count(b"\n")
 
@@ -265,14 +278,14 @@ def _sorted_unique(path: Path, ids: np.ndarray, lines: np.ndarray, column: str) 
     if dup.any():
         i = int(np.argmax(dup))
         earlier, later = sorted((int(lines[order[i]]), int(lines[order[i + 1]])))
-        raise DmrxError(f"{path}: line {later}, column {column}: {s[i]} appears again (first on line "
-                        f"{earlier})")
+        raise DmrxError(f"{path}: line {later}, column {column}: {s[i]} appears again (first on line {earlier})")
     return order
 
 
 def _load_ads(path: Path, chunk_rows: int) -> dict[str, np.ndarray]:
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("id", "cate", "campaign", "customer", "brand",
-                                                          "price", "line")}
+    cols: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("id", "cate", "campaign", "customer", "brand", "price", "line")
+    }
     for b in _blocks(path, FILES["ad_feature"][1], chunk_rows):
         cols["id"].append(b.ints("adgroup_id"))
         cols["cate"].append(b.ints("cate_id", missing=0))
@@ -325,7 +338,7 @@ def _append_buckets(tmp: Path, prefix: str, rec: np.ndarray, bucket: np.ndarray,
     bounds = np.searchsorted(bucket, np.arange(n_buckets + 1))
     for k in np.flatnonzero(np.diff(bounds)).tolist():
         with open(tmp / f"{prefix}{k}.bin", "ab") as f:
-            rec[bounds[k]:bounds[k + 1]].tofile(f)
+            rec[bounds[k] : bounds[k + 1]].tofile(f)
 
 
 def _read_bucket(tmp: Path, prefix: str, k: int, dtype: np.dtype) -> np.ndarray:
@@ -338,8 +351,14 @@ def _day(ts: np.ndarray | int):
 
 
 # ---- the import -----------------------------------------------------------------------------------------
-def import_alimama(src_dir: str | Path, out_dir: str | Path = ".", chunk_rows: int = 1 << 19,
-                   max_len: int = 50, tmp_dir: str | Path | None = None, progress=None) -> dict:
+def import_alimama(
+    src_dir: str | Path,
+    out_dir: str | Path = ".",
+    chunk_rows: int = 1 << 19,
+    max_len: int = 50,
+    tmp_dir: str | Path | None = None,
+    progress=None,
+) -> dict:
     """Write train.h5 and test.h5 into out_dir from the raw files in src_dir; return a summary.
 
     progress: optional callable(str) told which step runs.
@@ -382,10 +401,18 @@ def import_alimama(src_dir: str | Path, out_dir: str | Path = ".", chunk_rows: i
         beh_info = _scan_behaviors(paths["behavior_log"], imp_info, chunk_rows, tmp, n_buckets)
         say("writing train.h5 and test.h5")
         summary = _write(out_dir, tmp, n_buckets, ads, profiles, imp_info, max_len)
-    summary.update({"behaviors_read": beh_info["read"], "behaviors_kept": beh_info["kept"],
-                    "ads": int(len(ads["id"])), "profiles": int(len(profiles["id"])),
-                    "impression_users": int(len(imp_info["users"])), "buckets": n_buckets,
-                    "chunk_rows": chunk_rows, "max_len": max_len})
+    summary.update(
+        {
+            "behaviors_read": beh_info["read"],
+            "behaviors_kept": beh_info["kept"],
+            "ads": int(len(ads["id"])),
+            "profiles": int(len(profiles["id"])),
+            "impression_users": int(len(imp_info["users"])),
+            "buckets": n_buckets,
+            "chunk_rows": chunk_rows,
+            "max_len": max_len,
+        }
+    )
     return summary
 
 
@@ -430,20 +457,31 @@ def _scan_impressions(path: Path, ads: dict, chunk_rows: int, tmp: Path, n_bucke
     if not n:
         raise DmrxError(f"{path}: no data rows (only a header)")
     if t_max - t_min > _I32.max:
-        raise DmrxError(f"{path}: impressions span more than 68 years (time_stamp {t_min}..{t_max}): "
-                        f"time_stamp must be Unix seconds")
+        raise DmrxError(
+            f"{path}: impressions span more than 68 years (time_stamp {t_min}..{t_max}): "
+            f"time_stamp must be Unix seconds"
+        )
     day0, last_day = _day(t_min), _day(t_max)
     if last_day == day0:
-        raise DmrxError(f"{path}: every impression falls on one day (Beijing time): need training days "
-                        f"and a later test day")
+        raise DmrxError(
+            f"{path}: every impression falls on one day (Beijing time): need training days and a later test day"
+        )
     # pid strings -> 1..K in sorted order
     vocab = sorted(pid_code)
     remap = np.zeros(len(pid_code), np.int64)
     for rank, s in enumerate(vocab, 1):
         remap[pid_code[s]] = rank
-    return {"rows": n, "users": users, "last": last, "t0": t_min, "day0": day0, "last_day": last_day,
-            "train_end_day": min(day0 + TRAIN_DAYS, last_day), "pid_remap": remap,
-            "pid_vocab": [s.decode("utf-8", "replace") for s in vocab]}
+    return {
+        "rows": n,
+        "users": users,
+        "last": last,
+        "t0": t_min,
+        "day0": day0,
+        "last_day": last_day,
+        "train_end_day": min(day0 + TRAIN_DAYS, last_day),
+        "pid_remap": remap,
+        "pid_vocab": [s.decode("utf-8", "replace") for s in vocab],
+    }
 
 
 def _scan_behaviors(path: Path, imp: dict, chunk_rows: int, tmp: Path, n_buckets: int) -> dict:
@@ -467,8 +505,9 @@ def _scan_behaviors(path: Path, imp: dict, chunk_rows: int, tmp: Path, n_buckets
         for name, v in (("cate", cate), ("brand", brand)):
             big = keep & (v > _I32.max)
             if big.any():
-                raise b.fail(name, int(np.argmax(big)), f"is larger than {_I32.max}, the largest id this "
-                                                        f"importer handles")
+                raise b.fail(
+                    name, int(np.argmax(big)), f"is larger than {_I32.max}, the largest id this importer handles"
+                )
         idx = np.flatnonzero(keep)
         rec = np.empty(len(idx), _BEH)
         rec["user"] = pos[idx]
@@ -482,18 +521,23 @@ def _scan_behaviors(path: Path, imp: dict, chunk_rows: int, tmp: Path, n_buckets
     return {"read": read, "kept": kept}
 
 
-def _write(out_dir: Path, tmp: Path, n_buckets: int, ads: dict, profiles: dict, imp: dict,
-           max_len: int) -> dict:
+def _write(out_dir: Path, tmp: Path, n_buckets: int, ads: dict, profiles: dict, imp: dict, max_len: int) -> dict:
     users, t0 = imp["users"], imp["t0"]
     splits = {"train": lambda day: day < imp["train_end_day"], "test": lambda day: day == imp["last_day"]}
     rows = dict.fromkeys(splits, 0)
-    attrs = {"source": "alimama raw (Tianchi Ali_Display_Ad_Click)", "max_len": max_len,
-             "pid_vocab": json.dumps(imp["pid_vocab"]), "first_day_utc8": int(imp["day0"]),
-             "brand_cate_unknown": "raw id 0 means NULL/unknown brand or cate"}
+    attrs = {
+        "source": "alimama raw (Tianchi Ali_Display_Ad_Click)",
+        "max_len": max_len,
+        "pid_vocab": json.dumps(imp["pid_vocab"]),
+        "first_day_utc8": int(imp["day0"]),
+        "brand_cate_unknown": "raw id 0 means NULL/unknown brand or cate",
+    }
     dropped = 0
     with contextlib.ExitStack() as stack:
-        writers = {s: stack.enter_context(Writer(out_dir / f"{s}.h5", ["btag", "cate", "brand"],
-                                                 attrs={**attrs, "split": s})) for s in splits}
+        writers = {
+            s: stack.enter_context(Writer(out_dir / f"{s}.h5", ["btag", "cate", "brand"], attrs={**attrs, "split": s}))
+            for s in splits
+        }
         for k in range(n_buckets):
             im = _read_bucket(tmp, "imp", k, _IMP)
             if not len(im):
@@ -520,17 +564,42 @@ def _write(out_dir: Path, tmp: Path, n_buckets: int, ads: dict, profiles: dict, 
                 if not len(sel):
                     continue
                 rows[split] += len(sel)
-                _write_split(writers[split], im[sel], iu[sel], end[sel], user_start[sel], be, border, ads,
-                             profiles, imp["pid_remap"], max_len)
+                _write_split(
+                    writers[split],
+                    im[sel],
+                    iu[sel],
+                    end[sel],
+                    user_start[sel],
+                    be,
+                    border,
+                    ads,
+                    profiles,
+                    imp["pid_remap"],
+                    max_len,
+                )
             dropped += int((~used).sum())
-    return {"rows": {f"{s}.h5": n for s, n in rows.items()}, "impressions": imp["rows"],
-            "impressions_dropped": dropped, "days": int(imp["last_day"] - imp["day0"] + 1),
-            "pid_vocab": imp["pid_vocab"]}
+    return {
+        "rows": {f"{s}.h5": n for s, n in rows.items()},
+        "impressions": imp["rows"],
+        "impressions_dropped": dropped,
+        "days": int(imp["last_day"] - imp["day0"] + 1),
+        "pid_vocab": imp["pid_vocab"],
+    }
 
 
-def _write_split(w: Writer, im: np.ndarray, iu: np.ndarray, end: np.ndarray, user_start: np.ndarray,
-                 be: np.ndarray, border: np.ndarray, ads: dict, profiles: dict, pid_remap: np.ndarray,
-                 max_len: int) -> None:
+def _write_split(
+    w: Writer,
+    im: np.ndarray,
+    iu: np.ndarray,
+    end: np.ndarray,
+    user_start: np.ndarray,
+    be: np.ndarray,
+    border: np.ndarray,
+    ads: dict,
+    profiles: dict,
+    pid_remap: np.ndarray,
+    max_len: int,
+) -> None:
     """Append one bucket's examples of one split (rows sorted by user, time) and their sequences."""
     _, first, counts = np.unique(iu, return_index=True, return_counts=True)
     hi = np.maximum.reduceat(end, first)
@@ -552,8 +621,13 @@ def _write_split(w: Writer, im: np.ndarray, iu: np.ndarray, end: np.ndarray, use
         user=im["user"],
         label=im["clk"],
         profile={f: np.where(pfound, profiles[f][ppos], 0) for f in PROFILE_FIELDS},
-        target={"item": ads["id"][ad], "cate": ads["cate"][ad], "brand": ads["brand"][ad],
-                "campaign": ads["campaign"][ad], "customer": ads["customer"][ad]},
+        target={
+            "item": ads["id"][ad],
+            "cate": ads["cate"][ad],
+            "brand": ads["brand"][ad],
+            "campaign": ads["campaign"][ad],
+            "customer": ads["customer"][ad],
+        },
         context={"pid": pid_remap[im["pid"]]},
         dense={"price": np.log1p(ads["price"][ad])},
     )

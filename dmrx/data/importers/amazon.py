@@ -65,16 +65,19 @@ def _read_sequences(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         for k, tok in enumerate(parts):
             if not (tok.isascii() and tok.isdigit()):
                 what = "user id" if k == 0 else f"item {k}"
-                raise DmrxError(f"{path}: line {lineno}, field {k + 1} ({what}): {tok[:40]!r} is not a "
-                                f"non-negative integer id")
+                raise DmrxError(
+                    f"{path}: line {lineno}, field {k + 1} ({what}): {tok[:40]!r} is not a non-negative integer id"
+                )
         if len(parts) < 2:
-            raise DmrxError(f"{path}: line {lineno}: user {parts[0]} has no items (expected "
-                            f"'user_id item_1 ... item_n')")
+            raise DmrxError(
+                f"{path}: line {lineno}: user {parts[0]} has no items (expected 'user_id item_1 ... item_n')"
+            )
         if len(tok := max(parts, key=len)) > 18:
             raise DmrxError(f"{path}: line {lineno}: id {tok[:40]} is too large (more than 18 digits)")
         if parts[0] in first_line:
-            raise DmrxError(f"{path}: line {lineno}: user {parts[0]} appears again (first on line "
-                            f"{first_line[parts[0]]})")
+            raise DmrxError(
+                f"{path}: line {lineno}: user {parts[0]} appears again (first on line {first_line[parts[0]]})"
+            )
         first_line[parts[0]] = lineno
         users.append(int(parts[0]))
         lengths.append(len(parts) - 1)
@@ -95,15 +98,16 @@ def _read_attributes(path: Path) -> dict[int, list[int]]:
     except json.JSONDecodeError as e:
         raise DmrxError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
     if not isinstance(raw, dict):
-        raise DmrxError(f"{path}: expected a JSON object {{\"item_id\": [attr_id, ...]}}, got "
-                        f"{type(raw).__name__}")
+        raise DmrxError(f'{path}: expected a JSON object {{"item_id": [attr_id, ...]}}, got {type(raw).__name__}')
     attrs: dict[int, list[int]] = {}
     for key, values in raw.items():
         if not (key.isascii() and key.isdigit()) or len(key) > 18:
             raise DmrxError(f"{path}: item key {key[:40]!r} is not a non-negative integer id")
         if not isinstance(values, list) or not all(type(v) is int and 0 <= v < 1 << 62 for v in values):
-            raise DmrxError(f"{path}: item {key}: expected a list of non-negative integer attribute ids, "
-                            f"got {json.dumps(values)[:60]}")
+            raise DmrxError(
+                f"{path}: item {key}: expected a list of non-negative integer attribute ids, "
+                f"got {json.dumps(values)[:60]}"
+            )
         attrs[int(key)] = values
     return attrs
 
@@ -134,8 +138,7 @@ def _lookup(keys: np.ndarray, table: np.ndarray, items: np.ndarray) -> np.ndarra
     return np.where(keys[pos] == items, table[pos], UNKNOWN)
 
 
-def _negatives(rng: np.random.Generator, row_user: np.ndarray, inter_keys: np.ndarray,
-               n_items: int) -> np.ndarray:
+def _negatives(rng: np.random.Generator, row_user: np.ndarray, inter_keys: np.ndarray, n_items: int) -> np.ndarray:
     """For each row, an item index in [0, n_items) the row's user never interacted with.
 
     inter_keys: sorted user_index * n_items + item_index of every interaction.
@@ -152,8 +155,7 @@ def _negatives(rng: np.random.Generator, row_user: np.ndarray, inter_keys: np.nd
     return out
 
 
-def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", seed: int = 0,
-                  max_len: int = 50) -> dict:
+def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", seed: int = 0, max_len: int = 50) -> dict:
     """Write train.h5, valid.h5 and test.h5 into out_dir; return a summary (rows per file, counts)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     if max_len < 0:
@@ -185,8 +187,14 @@ def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", see
         "valid": (n >= 3).astype(np.int64),  # end n-2
         "test": (n >= 2).astype(np.int64),  # end n-1
     }
-    summary = {"users": int(n_users), "items": int(n_items), "interactions": int(len(items)),
-               "seed": seed, "max_len": max_len, "rows": {}}
+    summary = {
+        "users": int(n_users),
+        "items": int(n_items),
+        "interactions": int(len(items)),
+        "seed": seed,
+        "max_len": max_len,
+        "rows": {},
+    }
     files = {}
     for k, split in enumerate(SPLITS):
         count = per_split[split]
@@ -198,8 +206,7 @@ def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", see
             end = n[ex_user] - (2 if split == "valid" else 1)
         if full[ex_user].any():
             u = int(ex_user[np.argmax(full[ex_user])])
-            raise DmrxError(f"{seq_path}: user {users[u]} interacted with every item: no negative can be "
-                            f"drawn for it")
+            raise DmrxError(f"{seq_path}: user {users[u]} interacted with every item: no negative can be drawn for it")
         rng = np.random.default_rng([seed, k])
         neg = universe[_negatives(rng, ex_user, inter_keys, n_items)]
         pos = items[starts[ex_user] + end]
@@ -216,8 +223,9 @@ def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", see
         seq_len = hi[seq_users] - lo[seq_users]
         seq_index = np.full(n_users, -1)
         seq_index[seq_users] = np.arange(len(seq_users))
-        flat = np.repeat(starts[seq_users] + lo[seq_users] - np.cumsum(seq_len) + seq_len, seq_len) \
-            + np.arange(int(seq_len.sum()))
+        flat = np.repeat(starts[seq_users] + lo[seq_users] - np.cumsum(seq_len) + seq_len, seq_len) + np.arange(
+            int(seq_len.sum())
+        )
 
         # interleave each positive with its negative
         def pair(a, b):
@@ -232,19 +240,27 @@ def import_amazon(src_dir: str | Path, name: str, out_dir: str | Path = ".", see
                 "end": np.repeat(end - lo[ex_user], 2),
                 "user": np.repeat(users[ex_user], 2),
                 "label": np.tile(np.array([1, 0], np.int8), len(ex_user)),
-                "target": {"item": target, "cate": _lookup(attr_ids, attr_cate, target),
-                           "brand": _lookup(attr_ids, attr_brand, target)},
+                "target": {
+                    "item": target,
+                    "cate": _lookup(attr_ids, attr_cate, target),
+                    "brand": _lookup(attr_ids, attr_brand, target),
+                },
             },
         }
         summary["rows"][f"{split}.h5"] = int(2 * len(ex_user))
 
-    attrs_out = {"source": f"amazon S3-Rec {name}", "seed": seed, "max_len": max_len,
-                 "unknown_id": "cate/brand raw id 0 means unknown"}
+    attrs_out = {
+        "source": f"amazon S3-Rec {name}",
+        "seed": seed,
+        "max_len": max_len,
+        "unknown_id": "cate/brand raw id 0 means unknown",
+    }
     with contextlib.ExitStack() as stack:
         for split in SPLITS:
             f = files[split]
-            w = stack.enter_context(Writer(out_dir / f"{split}.h5", ["item", "cate", "brand"],
-                                           attrs={**attrs_out, "split": split}))
+            w = stack.enter_context(
+                Writer(out_dir / f"{split}.h5", ["item", "cate", "brand"], attrs={**attrs_out, "split": split})
+            )
             w.add_sequences(f["lengths"], **f["behaviors"])
             w.add_examples(**f["examples"])
     return summary

@@ -99,8 +99,7 @@ def _csv_chunks(path: Path, f, delimiter: str, chunk_rows: int) -> tuple[list[st
             except csv.Error as e:
                 raise DmrxError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
             except UnicodeDecodeError as e:
-                raise DmrxError(f"{path}: after line {reader.line_num}: not UTF-8 text ({e.reason})") \
-                    from None
+                raise DmrxError(f"{path}: after line {reader.line_num}: not UTF-8 text ({e.reason})") from None
             if row is None or len(rows) == chunk_rows:
                 if rows:
                     yield {c: [r[j] for r in rows] for j, c in enumerate(header)}, np.array(lines)
@@ -110,8 +109,10 @@ def _csv_chunks(path: Path, f, delimiter: str, chunk_rows: int) -> tuple[list[st
             if not row:
                 continue
             if len(row) != ncols:
-                raise DmrxError(f"{path}: line {reader.line_num}: expected {ncols} fields "
-                                f"(delimiter {delimiter!r}), found {len(row)}")
+                raise DmrxError(
+                    f"{path}: line {reader.line_num}: expected {ncols} fields "
+                    f"(delimiter {delimiter!r}), found {len(row)}"
+                )
             rows.append(row)
             lines.append(reader.line_num)
 
@@ -263,8 +264,9 @@ def _labels(ch: _Chunk, column: str, values: list[str]) -> np.ndarray:
     return lab
 
 
-def _histories(ch: _Chunk, history: dict[str, str], cols: dict[str, list[str]], sep: str,
-               hashed: set[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _histories(
+    ch: _Chunk, history: dict[str, str], cols: dict[str, list[str]], sep: str, hashed: set[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(length per row, flat ids per field) of the rows' histories."""
     lengths = None
     flat = {}
@@ -275,8 +277,10 @@ def _histories(ch: _Chunk, history: dict[str, str], cols: dict[str, list[str]], 
             lengths, first_col = n, column
         elif (n != lengths).any():
             i = int(np.argmax(n != lengths))
-            raise DmrxError(f"{ch.path}: {ch.unit} {int(ch.lines[i])}: history column {column} has {n[i]} "
-                            f"elements, {first_col} has {lengths[i]}")
+            raise DmrxError(
+                f"{ch.path}: {ch.unit} {int(ch.lines[i])}: history column {column} has {n[i]} "
+                f"elements, {first_col} has {lengths[i]}"
+            )
         joined = sep.join(v for v in values if v)
         total = int(lengths.sum())
         if column in hashed:
@@ -317,12 +321,22 @@ def _share(user: np.ndarray, lengths: np.ndarray, flat: dict[str, np.ndarray]) -
 
 
 # ---- the import -------------------------------------------------------------------------------------------
-def import_csv(path: str | Path, out: str | Path, *, user: str = "user_id", label: str | None = "label",
-               target: dict[str, str] | None = None, history: dict[str, str] | None = None,
-               sep: str = "^", profile: list[str] | dict[str, str] | None = None,
-               context: list[str] | dict[str, str] | None = None,
-               dense: list[str] | dict[str, str] | None = None, delimiter: str = ",",
-               hashed: list[str] | None = None, chunk_rows: int = 1 << 16) -> dict:
+def import_csv(
+    path: str | Path,
+    out: str | Path,
+    *,
+    user: str = "user_id",
+    label: str | None = "label",
+    target: dict[str, str] | None = None,
+    history: dict[str, str] | None = None,
+    sep: str = "^",
+    profile: list[str] | dict[str, str] | None = None,
+    context: list[str] | dict[str, str] | None = None,
+    dense: list[str] | dict[str, str] | None = None,
+    delimiter: str = ",",
+    hashed: list[str] | None = None,
+    chunk_rows: int = 1 << 16,
+) -> dict:
     """Write `out` (one dmrx data file) from the table at `path`; return a summary."""
     path, out = Path(path), Path(out)
     if not path.is_file():
@@ -346,50 +360,91 @@ def import_csv(path: str | Path, out: str | Path, *, user: str = "user_id", labe
             header, chunks = _csv_chunks(path, f, delimiter, chunk_rows)
             stack.callback(chunks.close)
             unit = "line"
-        summary = _import(path, out, header, unit, chunks, make, user=user, label=label, target=target,
-                          history=history, sep=sep, profile=profile, context=context, dense=dense,
-                          hashed=hashed)
+        summary = _import(
+            path,
+            out,
+            header,
+            unit,
+            chunks,
+            make,
+            user=user,
+            label=label,
+            target=target,
+            history=history,
+            sep=sep,
+            profile=profile,
+            context=context,
+            dense=dense,
+            hashed=hashed,
+        )
     return summary
 
 
-def _import(path: Path, out: Path, header: list[str], unit: str, chunks, make, *, user, label, target,
-            history, sep, profile, context, dense, hashed) -> dict:
+def _import(
+    path: Path,
+    out: Path,
+    header: list[str],
+    unit: str,
+    chunks,
+    make,
+    *,
+    user,
+    label,
+    target,
+    history,
+    sep,
+    profile,
+    context,
+    dense,
+    hashed,
+) -> dict:
     parquet = make is not None
     pairs = default_pairs(header)
     if history is None:
         if not pairs:
-            raise DmrxError(f"{path}: no history columns: the header has no X_id/hist_X_id pair; pass "
-                            f"--history field=column,... (and --target)")
+            raise DmrxError(
+                f"{path}: no history columns: the header has no X_id/hist_X_id pair; pass "
+                f"--history field=column,... (and --target)"
+            )
         history = {f: h for f, (_, h) in pairs.items()}
     if target is None:
         if not pairs:
-            raise DmrxError(f"{path}: no target columns: the header has no X_id/hist_X_id pair; pass "
-                            f"--target field=column,...")
+            raise DmrxError(
+                f"{path}: no target columns: the header has no X_id/hist_X_id pair; pass --target field=column,..."
+            )
         target = {f: t for f, (t, _) in pairs.items()}
-    groups = {g: ({c: c for c in v} if isinstance(v, list) else dict(v or {}))
-              for g, v in (("profile", profile), ("context", context), ("dense", dense))}
+    groups = {
+        g: ({c: c for c in v} if isinstance(v, list) else dict(v or {}))
+        for g, v in (("profile", profile), ("context", context), ("dense", dense))
+    }
     for g, fields in groups.items():
         for f in fields:
             if not _NAME.match(f):
                 raise DmrxError(f"--{g}: {f!r} is not a valid field name (letters, digits, _)")
     hashed_set = set(hashed or [])
-    needed = [user] + ([label] if label else []) + list(target.values()) + list(history.values()) \
+    needed = (
+        [user]
+        + ([label] if label else [])
+        + list(target.values())
+        + list(history.values())
         + [c for fields in groups.values() for c in fields.values()]
+    )
     missing = sorted({c for c in needed + sorted(hashed_set) if c not in header})
     if missing:
         where = "the schema" if parquet else "line 1"
-        raise DmrxError(f"{path}: {where}: missing column(s) {', '.join(missing)} (the header has: "
-                        f"{','.join(header)[:200]})")
+        raise DmrxError(
+            f"{path}: {where}: missing column(s) {', '.join(missing)} (the header has: {','.join(header)[:200]})"
+        )
     bad_hash = hashed_set & set(groups["dense"].values())
     if bad_hash or (label and label in hashed_set):
-        raise DmrxError(f"--hash: column {sorted(bad_hash or {label})[0]} is numeric (a label or dense "
-                        f"column) and cannot be hashed")
+        raise DmrxError(
+            f"--hash: column {sorted(bad_hash or {label})[0]} is numeric (a label or dense column) and cannot be hashed"
+        )
     if parquet:
         chunks = make(list(dict.fromkeys(needed)))
 
     rows = n_seq = n_beh = 0
-    attrs = {"source": f"table {path.name}", "history_sep": sep,
-             "hashed_columns": ",".join(sorted(hashed_set))}
+    attrs = {"source": f"table {path.name}", "history_sep": sep, "hashed_columns": ",".join(sorted(hashed_set))}
     with Writer(out, list(history), attrs=attrs) as w:
         for cols, lines in chunks:
             ch = _Chunk(path, lines, unit)
@@ -398,18 +453,19 @@ def _import(path: Path, out: Path, header: list[str], unit: str, chunks, make, *
             owner = _share(uid, lengths, flat)
             keep = owner == np.arange(len(owner))
             starts = np.cumsum(lengths) - lengths
-            sel = np.repeat(starts[keep] - (np.cumsum(lengths[keep]) - lengths[keep]), lengths[keep]) \
-                + np.arange(int(lengths[keep].sum()))
+            sel = np.repeat(starts[keep] - (np.cumsum(lengths[keep]) - lengths[keep]), lengths[keep]) + np.arange(
+                int(lengths[keep].sum())
+            )
             first = w.add_sequences(lengths[keep], **{f: v[sel] for f, v in flat.items()})
             seq_of = np.cumsum(keep) - 1
             w.add_examples(
-                seq=first + seq_of[owner], end=lengths, user=uid,
+                seq=first + seq_of[owner],
+                end=lengths,
+                user=uid,
                 label=_labels(ch, label, cols[label]) if label else None,
                 target={f: _ids(ch, c, cols[c], True, c in hashed_set) for f, c in target.items()},
-                profile={f: _ids(ch, c, cols[c], True, c in hashed_set)
-                         for f, c in groups["profile"].items()} or None,
-                context={f: _ids(ch, c, cols[c], True, c in hashed_set)
-                         for f, c in groups["context"].items()} or None,
+                profile={f: _ids(ch, c, cols[c], True, c in hashed_set) for f, c in groups["profile"].items()} or None,
+                context={f: _ids(ch, c, cols[c], True, c in hashed_set) for f, c in groups["context"].items()} or None,
                 dense={f: _floats(ch, c, cols[c]) for f, c in groups["dense"].items()} or None,
             )
             rows += len(uid)
@@ -417,7 +473,14 @@ def _import(path: Path, out: Path, header: list[str], unit: str, chunks, make, *
             n_beh += int(lengths[keep].sum())
         if not rows:
             raise DmrxError(f"{path}: no data rows (only a header)")
-    return {"out": str(out), "rows": rows, "sequences": n_seq, "behaviors": n_beh,
-            "history": history, "target": target, **{g: v for g, v in groups.items() if v},
-            "labelled": bool(label), "hashed": sorted(hashed_set)}
-
+    return {
+        "out": str(out),
+        "rows": rows,
+        "sequences": n_seq,
+        "behaviors": n_beh,
+        "history": history,
+        "target": target,
+        **{g: v for g, v in groups.items() if v},
+        "labelled": bool(label),
+        "hashed": sorted(hashed_set),
+    }
