@@ -12,7 +12,7 @@ the oracle's AUC gap over 0.5 that a model closes is reported: (AUC - 0.5) / (or
     python benchmarks/quality.py --users 300 --seeds 1 --epochs 1 --variants lr,dmr  # smoke run
     python benchmarks/quality.py --dataset amazon --seeds 3 --results amazon.jsonl  # reuse finished runs
     python benchmarks/quality.py --synthetic '{"items": 20000, "cates": 200, "brands": 2000, "dim": 16, "ctr": 0.05}'
-                                          # change the generator's SyntheticConfig: here, the pre-2026-12-03 default
+                                          # change the generator's SyntheticConfig (here: docs/synthetic-v1.md's data)
 
 With --results, every finished (variant, seed) run is appended to a JSONL file as soon as it ends, keyed by
 the dataset, data seed, variant options, seed and epochs; a later invocation with the same file reuses the

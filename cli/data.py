@@ -10,6 +10,13 @@ import typer
 from dmrx.cli.common import console, print_json, print_table, renamed, user_errors
 from dmrx.progress import status
 
+MaxLen = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Longest history any reader will use: older behaviours are not stored (0 stores whole prefixes)."
+    ),
+]
+
 app = typer.Typer(help="Create and inspect dmrx data files.", no_args_is_help=True)
 
 
@@ -105,13 +112,7 @@ def amazon(
     seed: Annotated[
         int, typer.Option(min=0, help="Seed of the negative sampling; the output is deterministic for a seed.")
     ] = 0,
-    max_len: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Longest history any reader will use: older behaviours are not stored (0 stores whole prefixes).",
-        ),
-    ] = 50,
+    max_len: MaxLen = 50,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Import Amazon review sequences (S3-Rec layout) with leave-last-out splits and one sampled negative
@@ -139,13 +140,7 @@ def alimama(
         int,
         typer.Option(min=1000, help="Rows parsed at a time; peak memory grows linearly with it (~450 bytes a row)."),
     ] = 1 << 19,
-    max_len: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Longest history any reader will use: older behaviours are not stored (0 stores whole prefixes).",
-        ),
-    ] = 50,
+    max_len: MaxLen = 50,
     tmp: Annotated[
         Path | None, typer.Option(help="Directory for the temporary buckets (~17 bytes per behaviour); default: --out.")
     ] = None,
