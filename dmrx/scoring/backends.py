@@ -14,18 +14,10 @@ onnxruntime for fp16 (torch has no CPU fp16 path).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dmrx.errors import DmrxError
 from dmrx.runtime import export_bundle
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def load_model(model) -> tuple:

@@ -9,7 +9,7 @@ import numpy as np
 from dmrx.errors import DmrxError
 from dmrx.runtime import export_bundle
 from dmrx.runtime.ort import NUMPY_DTYPES, USER_PREFIX, batch_key, session
-from dmrx.scoring.backends import available_cores
+from dmrx.scoring.cores import available_cores
 
 
 class OrtBackend:

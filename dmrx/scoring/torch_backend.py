@@ -35,18 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmrx.errors import DmrxError
+from dmrx.models.device import pick_device
 from dmrx.models.dmr import DMR, masked_softmax
-from dmrx.scoring.backends import available_cores
+from dmrx.scoring.cores import available_cores
 
 CHECK_TOL = 2e-4  # fp32 logits, grouped vs reference: reassociated sums differ by rounding only
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise DmrxError(f"device {device}: no CUDA device is visible to torch")
-    return torch.device(device)
 
 
 def _quantize_int8(module: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ from dmrx.errors import DmrxError
 from dmrx.evaluation.metrics import auc, relevance_means
 from dmrx.evaluation.predict import predict, to_tensors
 from dmrx.models import bundle
+from dmrx.models.device import pick_device
 from dmrx.models.dmr import DMR, DMRConfig
 from dmrx.models.migrations import CONFIG_VERSION, migrate
 from dmrx.options import from_options
@@ -111,14 +112,6 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
     train_cfg.validate()
     return model_cfg, train_cfg
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DmrxError("--device cuda: no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 class NegativeSampler:
