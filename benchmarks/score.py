@@ -169,19 +169,18 @@ def naive_rows_per_s(b, data_path: Path, sample: int) -> dict:
     return {"rows_timed": n, "wall_s": wall, "cpu_s": cpu, "rows_per_s": n / wall, "rows_per_cpu_s": n / cpu}
 
 
-def configs(manifest: dict | None) -> list[tuple[str, str]]:
+def configs(export) -> list[tuple[str, str]]:
     """(backend, precision) pairs this machine and bundle can run."""
     import torch
 
     from dmrx.runtime.tensorrt import unavailable_reason
-    from dmrx.scoring.backends import _has_engines, _has_graphs
 
     out = [("torch", "fp32"), ("torch", "int8")]
     if torch.cuda.is_available():
         out += [("torch-cuda", "fp32"), ("torch-cuda", "fp16"), ("torch-cuda", "bf16")]
-    out += [("onnxruntime", p) for p in ("fp32", "fp16", "int8") if _has_graphs(manifest, p)]
+    out += [("onnxruntime", p) for p in ("fp32", "fp16", "int8") if export and export.split_graphs(p)]
     if unavailable_reason() is None:
-        out += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if _has_engines(manifest, p)]
+        out += [("tensorrt", p) for p in ("fp32", "fp16", "int8") if export and export.engines(p)]
     return out
 
 
@@ -277,7 +276,7 @@ def main(argv=None) -> None:
             ),
         )
         export_s = time.perf_counter() - t0
-    b, export_dir, export_manifest = load_model(run)
+    b, export = load_model(run)
     flops = flops_per_candidate(b.model)
     peak = peak_gflops(args.threads)
     naive = naive_rows_per_s(b, path, args.naive_rows)
@@ -289,7 +288,7 @@ def main(argv=None) -> None:
         "per_user": args.per_user,
         "write_s": wrote,
         "export_s": export_s,
-        "export": str(export_dir) if export_dir else None,
+        "export": str(export.path) if export else None,
         "model": "freshly initialised DMRConfig() (default size)" if fresh else f"trained run {run}",
         "model_config": b.model.cfg.to_json(),
         "threads": args.threads,
@@ -302,7 +301,7 @@ def main(argv=None) -> None:
         "configs": results,
     }
     with tempfile.TemporaryDirectory(prefix="dmrx-bench-score-") as tmp:
-        for backend, precision in configs(export_manifest):
+        for backend, precision in configs(export):
             if wanted is not None and (backend, precision) not in wanted:
                 continue
             try:

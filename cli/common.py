@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 from typing import IO, Any
 
-import numpy as np
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
+from dmrx.artifacts.atomic import jsonable
 from dmrx.errors import DmrxError
 
 PIPE_WIDTH = 1000
+# what a command needs beyond the torch-free inference install, and the extra that brings it
+EXTRAS = {"torch": "train", "matplotlib": "plot", "faiss": "faiss", "tensorrt": "trt"}
 
 
 class _Console(Console):
@@ -46,29 +47,21 @@ def user_errors(fn):
             err_console.print("[bold red]error:[/] ", end="")
             err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except ImportError as e:
+            if e.name not in EXTRAS:
+                raise
+            err_console.print("[bold red]error:[/] ", end="")
+            err_console.print(
+                f"this command needs {e.name}, which is not installed: pip install 'dmrx[{EXTRAS[e.name]}]'",
+                markup=False,
+                highlight=False,
+            )
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def jsonable(obj: Any) -> Any:
-    """obj with numpy values as Python ones and NaN/Infinity as None, recursively: JSON has no NaN, and a
-    strict parser rejects the bare NaN that json.dumps writes by default."""
-    if isinstance(obj, dict):
-        return {
-            k if isinstance(k, str | int | float | bool) or k is None else str(k): jsonable(v) for k, v in obj.items()
-        }
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def print_json(obj: Any, file: IO[str] | None = None, indent: int | None = 2) -> None:

@@ -127,7 +127,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
     manifest: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {
-            "run": str(b.path.resolve()),
+            "run_name": b.path.resolve().name,
             "weights_sha256": b.weights_hash,
             "run_manifest_files": b.manifest.get("files", {}),
         },
@@ -147,6 +147,8 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             proto = export_graph(model, gs, graph)
             paths["fp32"][graph] = tmp / export_bundle.graph_name(graph, "fp32")
             onnx.save(proto, str(paths["fp32"][graph]))
+        say("writing the vocabularies, the feature spec and the model's inference settings")
+        export_bundle.write_inference_files(tmp, b.spec, b.vocabs, export_bundle.model_settings(model))
         say("writing V' (v_out.safetensors)")
         match_vocab = b.vocabs[model.match_table]
         save_file(
@@ -191,7 +193,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             say(f"quality on held-out rows of {held}")
             quality = G.evaluate(paths, gs, encoder, held, opts.eval_rows)
             quality.pop("_probs")
-            quality["data"] = str(held)
+            quality["data"] = Path(held).name
         for p in precisions:
             q = quality.setdefault(p, {})
             q["bytes"] = paths[p]["ranking"].stat().st_size
@@ -251,6 +253,8 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             },
             "match_field": model.cfg.match_field,
         }
+        for name, kind in export_bundle.INFERENCE_FILES.items():
+            manifest["artifacts"][name] = {"kind": kind, "bytes": (tmp / name).stat().st_size}
         for rel, info in manifest.get("engines", {}).items():
             manifest["artifacts"][rel] = {k: v for k, v in info.items() if k != "sha256"}
         if opts.check_tensorrt:
@@ -315,10 +319,9 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
     cache = RangeCache(opts.cache_dir or b.path / ".calibration-cache")
     cache.prepare()
     info: dict = {
-        "data": str(calib),
+        "data": Path(calib).name,
         "rows": rows,
         "method": opts.calib_method,
-        "cache_dir": str(cache.root),
         "graphs": {},
     }
     user_sess = session(paths["fp32"]["user_encoder"])

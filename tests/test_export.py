@@ -109,7 +109,8 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
     assert m["opset"] == 17 and m["input_names"]["hist/item"] == "hist__item"
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
     names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer") for s in ("", ".fp16", ".int8")}
-    assert names | {"v_out.safetensors"} == set(m["artifacts"]) == set(m["files"])
+    inference = {"v_out.safetensors", "model.json", "schema.json", "vocab.safetensors"}
+    assert names | inference == set(m["artifacts"]) == set(m["files"])
     for name, a in m["artifacts"].items():
         assert m["files"][name] == manifests.sha256(exported / name)
         if name.endswith(".onnx"):

@@ -6,7 +6,8 @@
     training | scoring | retrieval        the jobs (independent of each other)
     evaluation                            metrics, the inference loop over a file, the report
     models                                DMR, the baselines, the run bundle
-    data | runtime                        the data format and features | loading exported graphs
+    runtime                               loading and running an export bundle (no torch)
+    data                                  the data format, features and vocabularies
     artifacts | (small shared modules)         atomic writes, manifests
     errors
 
@@ -26,7 +27,8 @@ PACKAGES = {"dmrx": "dmrx", "cli": "dmrx.cli", "export": "dmrx.export", "calibra
 LAYERS = [
     {"dmrx", "dmrx.__version__", "dmrx.errors"},
     {"dmrx.artifacts", "dmrx.progress", "dmrx.choices", "dmrx.options"},
-    {"dmrx.data", "dmrx.runtime"},
+    {"dmrx.data"},
+    {"dmrx.runtime"},
     {"dmrx.models"},
     {"dmrx.evaluation"},
     {"dmrx.training", "dmrx.scoring", "dmrx.retrieval"},

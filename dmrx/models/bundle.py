@@ -11,6 +11,9 @@
       manifest.json       format name and version, sha256 of every file above, library versions
 
 Never pickle: safetensors and JSON only. Loading verifies the format version and every hash.
+
+Importing this module needs no torch (only `load`, `build_model` and `save_weights` do), so that torch-free
+inference can resolve and verify runs.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
-from safetensors.torch import load_file, save_file
 
 from dmrx import __version__
 from dmrx.artifacts import manifests
@@ -33,8 +35,12 @@ from dmrx.artifacts.atomic import atomic_file
 from dmrx.data.features import FeatureSpec
 from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
-from dmrx.models.dmr import DMR, DMRConfig
 from dmrx.models.migrations import migrate
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from dmrx.models.dmr import DMRConfig
 
 FORMAT = "dmrx-run"
 VERSION = 1
@@ -43,21 +49,16 @@ BUNDLE_FILES = ("model.safetensors", "vocab.safetensors", "config.json", "schema
 
 
 def library_versions() -> dict[str, str]:
-    import h5py
-    import onnx
-    import onnxruntime
-    import safetensors
+    """Versions of the libraries that made an artifact (None for one not installed: torch-free inference)."""
+    import importlib.metadata
 
-    return {
-        "dmrx": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "safetensors": safetensors.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
+    versions = {"dmrx": __version__, "python": platform.python_version()}
+    for name in ("torch", "numpy", "h5py", "safetensors", "onnx", "onnxruntime"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def save_vocabs(path: Path, vocabs: dict[str, Vocab], sampler: np.ndarray) -> None:
@@ -96,7 +97,7 @@ class Bundle:
     """A loaded run: everything needed to encode data and score it."""
 
     path: Path
-    model: DMR
+    model: nn.Module  # DMR, or a baseline
     spec: FeatureSpec
     vocabs: dict[str, Vocab]
     sampler: np.ndarray
@@ -107,13 +108,24 @@ class Bundle:
     def weights_hash(self) -> str:
         return self.manifest["files"]["model.safetensors"]
 
+    @property
+    def max_len(self) -> int:
+        return self.model.cfg.max_len
+
+    @property
+    def use_u2i(self) -> bool:
+        """Whether the model has a User-to-Item network (a user vector u and V'); the baselines have none."""
+        return self.model.cfg.model == "dmr" and self.model.cfg.use_u2i
+
     def encoder(self):
         from dmrx.data.features import Encoder
 
         return Encoder(self.spec, self.vocabs)
 
 
-def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> DMR:
+def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> nn.Module:
+    from dmrx.models.dmr import DMR
+
     sizes = {t: len(v) for t, v in vocabs.items()}
     if cfg.model != "dmr":
         from dmrx.models.baselines import build_baseline
@@ -123,6 +135,10 @@ def build_model(cfg: DMRConfig, spec: FeatureSpec, vocabs: dict[str, Vocab]) -> 
 
 
 def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundle:
+    from safetensors.torch import load_file
+
+    from dmrx.models.dmr import DMRConfig
+
     run_dir = resolve_run(run_dir)
     manifest = verify(run_dir)
     try:
@@ -145,7 +161,9 @@ def load(run_dir: str | os.PathLike | None = None, device: str = "cpu") -> Bundl
     return Bundle(run_dir, model, spec, vocabs, sampler, config, manifest)
 
 
-def save_weights(model: DMR, path: Path) -> None:
+def save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
     with atomic_file(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 

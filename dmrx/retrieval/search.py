@@ -21,7 +21,6 @@ Spark map over numpy batches unchanged.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from dmrx.errors import DmrxError
 
@@ -59,6 +58,13 @@ class ExactSearch:
     name = "exact"
 
     def __init__(self, items: np.ndarray, user_block: int = 256, chunk_floats: int = 1 << 18):
+        try:
+            import torch
+        except ImportError:
+            raise DmrxError(
+                "exact search runs on torch's CPU kernels, which are not installed: use the int8 "
+                "search (--search int8) or install torch"
+            ) from None
         self.items = np.ascontiguousarray(items, dtype=np.float32)
         self._v = torch.from_numpy(self.items)
         self.n, self.dim = self.items.shape
@@ -70,19 +76,23 @@ class ExactSearch:
         self._blocks = torch.from_numpy(padded).view(self.n_blocks, BLOCK, self.dim)
         self.user_block, self.chunk_floats = int(user_block), int(chunk_floats)
 
-    @torch.inference_mode()
     def search(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         users = _as_queries(users, self.dim)
         k = _check_k(k, self.n)
         rows = np.empty((len(users), k), np.int64)
         scores = np.empty((len(users), k), np.float32)
-        for b0 in range(0, len(users), self.user_block):
-            r, s = self._block(torch.from_numpy(users[b0 : b0 + self.user_block]), k)
-            rows[b0 : b0 + len(r)], scores[b0 : b0 + len(r)] = r.numpy(), s.numpy()
+        with torch.inference_mode():
+            for b0 in range(0, len(users), self.user_block):
+                r, s = self._block(torch.from_numpy(users[b0 : b0 + self.user_block]), k)
+                rows[b0 : b0 + len(r)], scores[b0 : b0 + len(r)] = r.numpy(), s.numpy()
         return rows, scores
 
-    def block_max(self, u: torch.Tensor) -> torch.Tensor:
-        """[b, n_blocks]: each user's best score within every run of BLOCK items."""
+    def block_max(self, u):
+        """[b, n_blocks]: each user's best score within every run of BLOCK items (torch tensors)."""
+        import torch
+
         b = len(u)
         chunk = max(BLOCK, (self.chunk_floats // b) // BLOCK * BLOCK)  # b x chunk scores stay in cache
         out = torch.empty((b, self.n_blocks))
@@ -94,7 +104,9 @@ class ExactSearch:
             torch.amax(s.view(b, -1, BLOCK), dim=2, out=out[:, c0 // BLOCK : c0 // BLOCK + s.shape[1] // BLOCK])
         return out
 
-    def _block(self, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block(self, u, k: int):
+        import torch
+
         b = len(u)
         kb = min(k, self.n_blocks)
         blocks = self.block_max(u).topk(kb, dim=1, sorted=False).indices  # [b, kb]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dmrx.data.reader import DataFile, HistoryReader
 from dmrx.errors import DmrxError
@@ -94,32 +93,34 @@ def _best_per_user(user, end, rank, file, seq):
 
 
 class UserEncoder:
-    """History batch -> u [B, d_v] float32, with torch (the run's model) or onnxruntime (the exported
-    user_encoder graph, RUN/export/user_encoder.onnx)."""
+    """History batch -> u [B, d_v] float32: with torch (the run's model), or with onnxruntime (the exported
+    user_encoder graph: RUN/export beside a run, or an export bundle on its own, which needs no torch)."""
 
     def __init__(self, bundle, backend: str = "torch"):
-        model = bundle.model
-        if not model.cfg.use_u2i:
+        from dmrx.runtime import export_bundle
+
+        exported = isinstance(bundle, export_bundle.ExportBundle)
+        if not bundle.use_u2i:
             raise DmrxError(
-                f"{bundle.path}: the model has no User-to-Item network (use_u2i is off), so it has "
-                "no user vector u to retrieve with"
+                f"{bundle.path}: the model has no User-to-Item network, so it has no user vector u to retrieve with"
             )
-        self.model, self.backend = model, backend
+        self.backend = backend
         self.fields = list(bundle.spec.behaviors)
-        self.max_len = model.cfg.max_len
+        self.max_len = bundle.max_len
         if backend == "torch":
-            self._sess = None
+            if exported:
+                raise DmrxError(f"{bundle.path}: an export bundle encodes users with --backend onnxruntime")
+            self.model, self._sess = bundle.model, None
         elif backend == "onnxruntime":
-            from dmrx.runtime import export_bundle
             from dmrx.runtime.ort import onnx_name, session
 
-            export_dir = Path(bundle.path) / "export"
-            if not export_bundle.is_export(export_dir):
+            export_dir = bundle.path if exported else Path(bundle.path) / "export"
+            if not exported and not export_bundle.is_export(export_dir):
                 raise DmrxError(
                     f"{export_dir / 'user_encoder.onnx'}: not there; the onnxruntime backend uses the exported "
                     f"user encoder (run `dmrx export {bundle.path}` first, or use --backend torch)"
                 )
-            manifest = export_bundle.read(export_dir)
+            manifest = bundle.manifest if exported else export_bundle.read(export_dir)
             if (manifest.get("source") or {}).get("weights_sha256") != bundle.weights_hash:
                 raise DmrxError(
                     f"{export_dir}: exported from other weights than {bundle.path}/model.safetensors; "
@@ -140,6 +141,8 @@ class UserEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         if self._sess is None:
+            import torch
+
             with torch.inference_mode():
                 feeds = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
                 return self.model.encode_user(feeds)["u"].float().numpy()

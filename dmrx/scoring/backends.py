@@ -14,55 +14,53 @@ onnxruntime for fp16 (torch has no CPU fp16 path).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from dmrx.errors import DmrxError
 from dmrx.runtime import export_bundle
 
 
-def load_model(model) -> tuple:
-    """(Bundle, export directory or None, its manifest or None) from a run, an export directory, a Bundle,
-    or None (the latest run).
+def load_model(model, backend: str = "auto") -> tuple:
+    """(what scores, the export to use or None) for a run, an export directory, a Bundle, or None (the most
+    recent run).
 
-    An export bundle made from other weights than the run's is ignored when found beside the run, and an
-    error when named explicitly.
+    A run scores with its own weights (torch) or through the export beside it (RUN/export) when that was
+    made from the same weights; an export beside a run from other weights is ignored. An export directory
+    named on its own needs nothing else (onnxruntime, TensorRT): it carries its vocabularies and feature
+    spec. The torch backend needs the run's weights, found when the export sits in its run.
     """
     from dmrx.models import bundle as run_bundle
 
-    explicit_export = None
     if isinstance(model, run_bundle.Bundle):
-        b = model
-    else:
-        path = run_bundle.resolve_run(model)
-        if not path.exists():
-            raise DmrxError(f"{path}: no such run or export directory")
-        if export_bundle.is_export(path):
-            explicit_export = path
-            manifest = export_bundle.read(path)
-            run = Path(manifest.get("source", {}).get("run", path.parent))
-            if not (run / "manifest.json").exists():
-                run = path.parent
-            if not (run / "manifest.json").exists():
-                raise DmrxError(
-                    f"{path}: the export's run ({run}) is not available; scoring needs the run for "
-                    "its vocabularies and feature spec"
-                )
-            b = run_bundle.load(run)
-        else:
-            b = run_bundle.load(path)
-    export_dir = explicit_export or b.path / "export"
-    if explicit_export is None and not export_bundle.is_export(export_dir):
-        return b, None, None
-    manifest = export_bundle.read(export_dir)
-    made_from = manifest.get("source", {}).get("weights_sha256")
-    if made_from != b.weights_hash:
-        if explicit_export is not None:
-            raise DmrxError(
-                f"{export_dir}: exported from other weights ({str(made_from)[:12]}) than the run "
-                f"{b.path} ({b.weights_hash[:12]}); export the run again"
-            )
-        return b, None, None
-    return b, export_dir, manifest
+        return model, _export_beside(model)
+    path = run_bundle.resolve_run(model)
+    if not path.exists():
+        raise DmrxError(f"{path}: no such run or export directory")
+    if not export_bundle.is_export(path):
+        run = run_bundle.load(path)
+        return run, _export_beside(run)
+    export = export_bundle.load(path)
+    if backend != "torch":
+        return export, export
+    if not (path.parent / "manifest.json").exists():
+        raise DmrxError(
+            f"{path}: --backend torch scores with the run's weights, and this export is not inside its run; "
+            "score the export with --backend onnxruntime (or tensorrt)"
+        )
+    run = run_bundle.load(path.parent)
+    if run.weights_hash != export.weights_hash:
+        raise DmrxError(
+            f"{path}: exported from other weights ({export.weights_hash[:12]}) than the run {run.path} "
+            f"({run.weights_hash[:12]}); export the run again"
+        )
+    return run, export
+
+
+def _export_beside(run):
+    """RUN/export when it was made from the run's weights, else None."""
+    path = run.path / "export"
+    if not export_bundle.is_export(path):
+        return None
+    export = export_bundle.load(path)
+    return export if export.weights_hash == run.weights_hash else None
 
 
 def _cuda_available() -> bool:
@@ -74,36 +72,30 @@ def _cuda_available() -> bool:
         return False
 
 
-def _has(manifest: dict | None, names: list[str]) -> bool:
-    return manifest is not None and all(n in manifest["files"] for n in names)
-
-
-def _has_graphs(manifest: dict | None, precision: str) -> bool:
-    return _has(manifest, [export_bundle.graph_name(g, precision) for g in export_bundle.SPLIT_GRAPHS])
-
-
-def _has_engines(manifest: dict | None, precision: str) -> bool:
-    return _has(manifest, [export_bundle.engine_name(g, precision) for g in export_bundle.SPLIT_GRAPHS])
-
-
-def auto_backend(manifest: dict | None, precision: str, device: str | None) -> tuple[str, str | None]:
-    """(backend, device) that `auto` resolves to (see the module docstring), given the export's manifest."""
+def auto_backend(export, precision: str, device: str | None, have_run: bool = True) -> tuple[str, str | None]:
+    """(backend, device) that `auto` resolves to (see the module docstring); without a run, only the
+    export's backends."""
     from dmrx.runtime.tensorrt import unavailable_reason
 
     gpu = device not in ("cpu",) and _cuda_available()
+    has_graphs = export is not None and export.split_graphs(precision) is not None
+    if not have_run:
+        if gpu and unavailable_reason() is None and export.engines(precision):
+            return "tensorrt", "cuda"
+        return "onnxruntime", device
     if gpu:
-        if unavailable_reason() is None and _has_engines(manifest, precision):
+        if unavailable_reason() is None and export is not None and export.engines(precision):
             return "tensorrt", "cuda"
         if precision in ("fp32", "fp16", "bf16"):
             return "torch", device or "cuda"
         import onnxruntime as ort
 
-        if _has_graphs(manifest, precision) and "CUDAExecutionProvider" in ort.get_available_providers():
+        if has_graphs and "CUDAExecutionProvider" in ort.get_available_providers():
             return "onnxruntime", device or "cuda"
         return "torch", "cpu"  # int8 on the CPU
     if precision in ("fp32", "int8"):
         return "torch", "cpu"
-    if precision == "fp16" and _has_graphs(manifest, precision):
+    if precision == "fp16" and has_graphs:
         return "onnxruntime", "cpu"
     raise DmrxError(
         f"--precision {precision} on CPU: torch scores fp32 or int8 on CPU, and "
@@ -115,32 +107,26 @@ def auto_backend(manifest: dict | None, precision: str, device: str | None) -> t
     )
 
 
-def make_backend(
-    bundle,
-    export_dir: Path | None,
-    manifest: dict | None,
-    backend: str,
-    precision: str,
-    device: str | None,
-    threads: int | None,
-):
+def make_backend(source, export, backend: str, precision: str, device: str | None, threads: int | None):
+    """The backend that scores with `source` (a run's Bundle, or an ExportBundle) and `export` (or None)."""
+    have_run = source is not export
     if backend == "auto":
-        backend, device = auto_backend(manifest, precision, device)
+        backend, device = auto_backend(export, precision, device, have_run)
     if backend == "torch":
         from dmrx.scoring.torch_backend import TorchBackend
 
-        return TorchBackend(bundle, precision, device, threads)
-    if backend in ("onnxruntime", "tensorrt") and export_dir is None:
+        return TorchBackend(source, precision, device, threads)
+    if export is None:
         raise DmrxError(
-            f"--backend {backend} needs the run's export bundle ({bundle.path}/export with manifest.json, "
-            f"made from these weights): run `dmrx export {bundle.path}` first"
+            f"--backend {backend} needs the run's export bundle ({source.path}/export, made from these "
+            f"weights): run `dmrx export {source.path}` first"
         )
     if backend == "onnxruntime":
         from dmrx.scoring.ort_backend import OrtBackend
 
-        return OrtBackend(export_dir, manifest, precision, device, threads)
+        return OrtBackend(export, precision, device, threads)
     if backend == "tensorrt":
         from dmrx.scoring.trt_backend import TensorRTBackend
 
-        return TensorRTBackend(export_dir, manifest, precision)
+        return TensorRTBackend(export, precision)
     raise DmrxError(f"unknown backend {backend!r}")

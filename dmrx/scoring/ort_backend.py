@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from dmrx.errors import DmrxError
-from dmrx.runtime import export_bundle
 from dmrx.runtime.ort import NUMPY_DTYPES, USER_PREFIX, batch_key, session
 from dmrx.scoring.cores import available_cores
 
@@ -19,18 +16,17 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(
-        self, export_dir: Path, manifest: dict, precision: str, device: str | None = None, threads: int | None = None
-    ):
+    def __init__(self, export, precision: str, device: str | None = None, threads: int | None = None):
         import onnxruntime as ort
 
+        export_dir, manifest = export.path, export.manifest
         have = manifest.get("precisions", ["fp32"])
         if precision not in have or precision == "bf16":
             raise DmrxError(
                 f"--backend onnxruntime --precision {precision}: {export_dir} has "
                 f"{', '.join(have)} graphs (export with --fp16 / --int8)"
             )
-        files = export_bundle.split_graphs(export_dir, manifest, precision)
+        files = export.split_graphs(precision)
         if files is None:
             raise DmrxError(f"{export_dir}: the {precision} user_encoder/candidate_scorer graphs are missing")
         self.precision = precision

@@ -84,9 +84,10 @@ def _count_unknown_hist(hist: dict[str, np.ndarray], hist_len: np.ndarray) -> di
 
 
 class Scorer:
-    """Scores numpy batches with a trained run (torch) or its export bundle (onnxruntime, TensorRT).
+    """Scores numpy batches with a trained run (torch) or an export bundle (onnxruntime, TensorRT; the export
+    alone, anywhere: see dmrx.runtime.export_bundle).
 
-    model: a run directory, an export directory (RUN/export), a loaded Bundle, or None for the most recent
+    model: a run directory, an export directory, a loaded Bundle, or None for the most recent
     run. backend: auto | torch | onnxruntime | tensorrt; precision: fp32 | fp16 | bf16 | int8 (what each
     backend offers: see docs/scoring.md). threads: CPU threads (torch intra-op / onnxruntime intra-op).
     """
@@ -107,11 +108,11 @@ class Scorer:
             raise DmrxError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if threads is not None and threads < 1:
             raise DmrxError(f"--threads must be >= 1, got {threads}")
-        self.bundle, self.export_dir, export_manifest = load_model(model)
+        self.bundle, self.export = load_model(model, backend)
         self.spec = self.bundle.spec
-        self.max_len = self.bundle.model.cfg.max_len
+        self.max_len = self.bundle.max_len
         self.encoder = self.bundle.encoder()
-        self.backend = make_backend(self.bundle, self.export_dir, export_manifest, backend, precision, device, threads)
+        self.backend = make_backend(self.bundle, self.export, backend, precision, device, threads)
         self._pool = None
         self.hist_keys = [f"hist/{f}" for f in self.spec.behaviors]
         self.cand_keys = [k for k in self.spec.batch_keys() if k != "user"]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from dmrx.errors import DmrxError
-from dmrx.runtime import export_bundle
 from dmrx.runtime.ort import USER_PREFIX, batch_key
 
 
@@ -16,13 +13,14 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, export_dir: Path, manifest: dict, precision: str):
+    def __init__(self, export, precision: str):
         from dmrx.runtime.tensorrt import Engine, unavailable_reason
 
         reason = unavailable_reason()
         if reason:
             raise DmrxError(f"--backend tensorrt: {reason}")
-        engines = export_bundle.engines(export_dir, manifest, precision)
+        export_dir, manifest = export.path, export.manifest
+        engines = export.engines(precision)
         if engines is None:
             raise DmrxError(
                 f"--backend tensorrt --precision {precision}: {export_dir}/engines has no "
