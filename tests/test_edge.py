@@ -72,6 +72,18 @@ def test_manifest_points_nowhere_outside(copied_export, tiny_run):
     assert {"model.json", "schema.json", "vocab.safetensors", "v_out.safetensors"} <= set(m["files"])
 
 
+def test_run_and_export_files_have_the_umask_modes(copied_export, tiny_run):
+    import os
+    import stat
+
+    from dmrx.artifacts.atomic import umask
+
+    want_file, want_dir = 0o666 & ~umask(), 0o777 & ~umask()
+    assert stat.S_IMODE(os.stat(copied_export).st_mode) == want_dir
+    for path in [*copied_export.rglob("*"), *tiny_run.glob("*.safetensors")]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == (want_dir if path.is_dir() else want_file), path
+
+
 def test_copied_export_scores_without_torch_like_the_run(copied_export, tiny_run, tiny_data, tmp_path):
     cand = tmp_path / "cand.h5"
     shutil.copyfile(tiny_data / "candidates.h5", cand)
