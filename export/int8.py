@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from dmrx.errors import DmrxError
 
 QUANT_OPS = ("MatMul", "Gemm", "Gather")
+
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
@@ -231,9 +232,18 @@ def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
     return done
 
 
-def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: Path, per_channel: bool = False) -> dict:
+def quantize(
+    fp32_path: Path,
+    out_path: Path,
+    reader,
+    method: str,
+    cache_path: Path,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+) -> dict:
     """Quantize fp32_path -> out_path; ranges come from cache_path if present, else from `reader`
-    (and are then written there). Returns what was done, for the manifest."""
+    (and are then written there). reduce_range: 7-bit weights (see cpu_flavour). Returns what was done,
+    for the manifest."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(fp32_path))
@@ -264,6 +274,7 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANT_OPS),
                 per_channel=per_channel,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_quantize=quant,
@@ -292,3 +303,60 @@ def quantize(fp32_path: Path, out_path: Path, reader, method: str, cache_path: P
         "symmetric": True,
         "format": "QDQ",
     }
+
+
+def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path) -> dict:
+    """The INT8 graph for ONNX Runtime on CPUs, derived from the TensorRT-targeted Q/DQ graph (same
+    activation ranges, same nodes) and written beside it.
+
+    - 7-bit matmul weights (|w| <= 63, requantized from the FP32 weights): on x86 without VNNI ONNX Runtime
+      multiplies u8 activations by s8 weights with VPMADDUBSW, whose int16 pair sums saturate for 8-bit
+      weights (dmrx.runtime.ort's X64_PRECISION comment); with 7 bits they cannot (255 * 63 * 2 < 32767),
+      so sessions need no overflow-safe kernel, which cost ~30% of INT8 rows/s on an AVX-512 VNNI CPU too.
+      One bit of weight precision is the price; the embedding tables (gathered, not multiplied) keep 8.
+      The export's INT8 gates check this graph on held-out rows like the Q/DQ one.
+    - Stored as `for_cpu` lays it out (INT8 Gathers, DQ -> MatMul), so loading skips that rewrite; the
+      ONNX-TensorRT parser does not take INT8 Gathers, which is why the Q/DQ graph stays for TensorRT.
+    """
+    from onnx import helper
+
+    from dmrx.runtime.ort import SEVEN_BIT, for_cpu
+
+    model = onnx.load(str(qdq_path))
+    floats = {t.name: t for t in onnx.load(str(fp32_path)).graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    done = 0
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or n.input[1] not in inits:
+            continue
+        users = readers.get(n.output[0], [])
+        if not users or any(u.op_type not in ("MatMul", "Gemm") or u.input[1] != n.output[0] for u in users):
+            continue  # not a matmul weight (an embedding table, an activation)
+        q, scale = inits[n.input[0]], inits[n.input[1]]
+        if q.data_type != onnx.TensorProto.INT8 or len(scale.dims) > 0:
+            continue
+        src = floats.get(n.input[0].removesuffix("_quantized").removesuffix("__woq"))
+        if src is not None:
+            w = numpy_helper.to_array(src).astype(np.float32)
+        else:
+            w = numpy_helper.to_array(q).astype(np.float32) * numpy_helper.to_array(scale).astype(np.float32)
+        s7 = np.float32(max(float(np.abs(w).max()), 1e-12) / 63.0)
+        w7 = np.clip(np.round(w / s7), -63, 63).astype(np.int8).reshape(tuple(q.dims))
+        q.CopyFrom(numpy_helper.from_array(w7, q.name))
+        name = n.input[1] + "__7bit"  # a scale of its own: the 8-bit one may be shared
+        model.graph.initializer.append(numpy_helper.from_array(np.array(s7, np.float32), name))
+        n.input[1] = name
+        done += 1
+    model = for_cpu(model)
+    used = {x for n in model.graph.node for x in n.input}
+    for t in [t for t in model.graph.initializer if t.name not in used]:
+        model.graph.initializer.remove(t)
+    del model.metadata_props[:]
+    helper.set_model_props(model, dict([SEVEN_BIT]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return {"seven_bit_weights": done, "layout": "for_cpu"}

@@ -4,7 +4,9 @@ OUT/                              (default RUN/export; built in a temp dir besid
   ranking.onnx                    aligned rows -> ctr, logit, r, r_hat
   user_encoder.onnx               history -> hist_emb, mask, u, i2i_keys
   candidate_scorer.onnx           user-side tensors [U] + user_row [C] + candidates [C] -> ctr [C], ...
-  *.fp16.onnx, *.int8.onnx        with --fp16 / --int8
+  *.fp16.onnx, *.int8.onnx        with --fp16 / --int8 (INT8: symmetric Q/DQ, the form TensorRT builds from)
+  *.int8-cpu.onnx                 with --int8: the CPU flavour (7-bit weights, laid out for ONNX Runtime's
+                                  CPU kernels; export.int8.cpu_flavour), what CPU scoring loads for int8
   v_out.safetensors               V' ("v_out" [N, d]) and the match field's raw ids ("raw_ids" [N], -1 = padding)
   engines/*.plan                  with --engine tensorrt
   manifest.json                   written last: files (sha256), artifacts (io, opset, precision), parity,
@@ -33,7 +35,7 @@ from dmrx.models import bundle as run_bundle
 from dmrx.models.dmr import DMR
 from dmrx.runtime import export_bundle
 from dmrx.runtime.graphs import GRAPHS, GraphSpec, to_feeds
-from dmrx.runtime.ort import session
+from dmrx.runtime.ort import CPU_INT8, session
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_CALIB_ROWS = 4096
@@ -124,6 +126,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
 
     model, gs = b.model.eval(), GraphSpec.of(b.model)
     precisions = ["fp32"] + ["fp16"] * opts.fp16 + ["int8"] * opts.int8
+    flavours = [CPU_INT8] * opts.int8  # further graph sets, gated like a precision; scoring picks them by target
     manifest: dict = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": {
@@ -141,7 +144,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
         "versions": run_bundle.library_versions(),
     }
     with atomic_dir(out, overwrite=opts.force) as tmp:
-        paths: dict[str, dict[str, Path]] = {p: {} for p in precisions}
+        paths: dict[str, dict[str, Path]] = {p: {} for p in precisions + flavours}
         for graph in GRAPHS:
             say(f"exporting {graph} (FP32)")
             proto = export_graph(model, gs, graph)
@@ -194,20 +197,20 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
             quality = G.evaluate(paths, gs, encoder, held, opts.eval_rows)
             quality.pop("_probs")
             quality["data"] = Path(held).name
-        for p in precisions:
+        for p in precisions + flavours:
             q = quality.setdefault(p, {})
             q["bytes"] = paths[p]["ranking"].stat().st_size
         if opts.timing:
             say("quick CPU timing (1 thread, batch 256)")
             feeds = to_feeds(G.sample_rows(held or calib, encoder, model, 256), gs, "ranking")
-            for p in precisions:
+            for p in precisions + flavours:
                 quality[p]["rows_per_s"] = G.quick_timing(paths[p]["ranking"], feeds)
         from dmrx.calibration import precision_report
 
-        manifest["quality"] = precision_report({p: quality[p] for p in precisions})
+        manifest["quality"] = precision_report({p: quality[p] for p in precisions + flavours})
         if quality.get("data"):
             manifest["quality_data"] = {"path": quality["data"], "rows": quality["fp32"].get("rows")}
-        for p in precisions[1:]:
+        for p in precisions[1:] + flavours:
             gate_list += _quality_gates(p, quality)
 
         if opts.engine == "tensorrt":
@@ -242,6 +245,18 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
                     entry["tensorrt_lint"] = rep.to_json() | {"path": path.name}
                     lint_ok &= rep.ok
                 manifest["artifacts"][path.name] = entry
+        for p in flavours:  # not linted for TensorRT: INT8 Gathers, which TensorRT does not take
+            for graph in GRAPHS:
+                path = paths[p][graph]
+                proto = onnx.load(str(path))
+                manifest["artifacts"][path.name] = {
+                    "graph": graph,
+                    "precision": "int8",
+                    "target": "cpu",
+                    "bytes": path.stat().st_size,
+                    "opset": opset_of(proto),
+                    **describe_io(proto),
+                }
         vpath = tmp / "v_out.safetensors"
         manifest["artifacts"]["v_out.safetensors"] = {
             "kind": "V' (output item table) and the match field's raw ids",
@@ -288,26 +303,36 @@ def _quality_gates(p: str, quality: dict) -> list[G.Gate]:
         ref = quality["fp32" + path[len(p) :]]
         d_auc = abs(q["auc"] - ref["auc"]) if np.isfinite(q["auc"]) and np.isfinite(ref["auc"]) else None
         tol = G.FP16_AUC_TOL if p == "fp16" else G.INT8_AUC_TOL
+        name = p.replace("-", "_")
         label = "ranking" if path == p else "split"
         out.append(
             G.Gate(
-                f"{p}_auc_{label}", d_auc, f"|ΔAUC| <= {tol:g}", d_auc is not None and d_auc <= tol, f"{q['rows']} rows"
+                f"{name}_auc_{label}",
+                d_auc,
+                f"|ΔAUC| <= {tol:g}",
+                d_auc is not None and d_auc <= tol,
+                f"{q['rows']} rows",
             )
         )
-        if p == "int8":
+        if p.startswith("int8"):
             rel = abs(q["logloss"] - ref["logloss"]) / ref["logloss"]
             out.append(
                 G.Gate(
-                    f"int8_logloss_{label}",
+                    f"{name}_logloss_{label}",
                     rel,
                     f"relative diff <= {G.INT8_LOGLOSS_REL_TOL:g}",
                     rel <= G.INT8_LOGLOSS_REL_TOL,
                 )
             )
-    if p == "int8":
-        ratio = quality["int8"]["bytes"] / base["bytes"]
+    if p.startswith("int8"):
+        ratio = quality[p]["bytes"] / base["bytes"]
         out.append(
-            G.Gate("int8_size", ratio, f"<= {G.INT8_SIZE_RATIO:g} of the FP32 ranking.onnx", ratio <= G.INT8_SIZE_RATIO)
+            G.Gate(
+                f"{p.replace('-', '_')}_size",
+                ratio,
+                f"<= {G.INT8_SIZE_RATIO:g} of the FP32 ranking.onnx",
+                ratio <= G.INT8_SIZE_RATIO,
+            )
         )
     return out
 
@@ -341,6 +366,8 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
         res["cache_key"] = key
         res["rows"] = rows
         info["graphs"][graph] = res
+        paths[CPU_INT8][graph] = tmp / export_bundle.graph_name(graph, CPU_INT8)
+        res["cpu_flavour"] = int8_mod.cpu_flavour(paths["int8"][graph], src, paths[CPU_INT8][graph])
     return info
 
 

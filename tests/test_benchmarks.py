@@ -90,3 +90,21 @@ def test_quality_synthetic_overrides_shape_the_data_and_the_key(tmp_path):
         assert f.read_columns(0, f.n_rows, ["target/cate"])["target/cate"].max() <= 7
     bad = _run("quality.py", *args[:-1], '{"seed": 3}')
     assert bad.returncode != 0 and "--synthetic" in bad.stderr
+
+
+def test_edge_runs_at_a_tiny_size_and_reports_every_configuration(tmp_path):
+    args = ["--rows", "3000", "--per-user", "20", "--rounds", "1", "--calls", "5", "--candidates", "200"]
+    args += ["--threads", "1", "--file", str(tmp_path / "c.h5"), "--run", str(tmp_path / "run"), "--json"]
+    p = _run("edge.py", *args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    got = {(c["backend"], c["precision"]) for c in out["configs"]}
+    assert got == {("torch", "fp32"), ("torch", "int8"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")} | {
+        ("onnxruntime", "int8"),
+        ("onnxruntime", "int8-qdq"),
+    }
+    for c in out["configs"]:
+        assert c["threads"]["1"]["rows_per_s"] > 0 and c["latency"]["200"]["model"]["p50_ms"] > 0
+    paths = {c["precision"]: c["path"] for c in out["configs"] if c["backend"] == "onnxruntime"}
+    assert "int8-cpu" in paths["int8"] and "int8-cpu" not in paths["int8-qdq"]
+    assert out["goals"]["1_threads"]["int8_vs_fp32_artifact"] > 0

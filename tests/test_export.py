@@ -108,7 +108,8 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
     assert m["source"]["weights_sha256"] == run_manifest["files"]["model.safetensors"]
     assert m["opset"] == 17 and m["input_names"]["hist/item"] == "hist__item"
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
-    names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer") for s in ("", ".fp16", ".int8")}
+    suffixes = ("", ".fp16", ".int8", ".int8-cpu")
+    names = {f"{g}{s}.onnx" for g in ("ranking", "user_encoder", "candidate_scorer") for s in suffixes}
     inference = {"v_out.safetensors", "model.json", "schema.json", "vocab.safetensors"}
     assert names | inference == set(m["artifacts"]) == set(m["files"])
     for name, a in m["artifacts"].items():
@@ -120,6 +121,9 @@ def test_manifest_describes_every_artifact(exported, tiny_run):
     rank = m["artifacts"]["ranking.onnx"]
     assert [o["name"] for o in rank["outputs"]] == ["ctr", "logit", "r", "r_hat"]
     assert all(o["dtype"] == "float32" for o in m["artifacts"]["ranking.fp16.onnx"]["outputs"])
+    cpu = m["artifacts"]["candidate_scorer.int8-cpu.onnx"]
+    assert cpu["precision"] == "int8" and cpu["target"] == "cpu" and "tensorrt_lint" not in cpu
+    assert m["artifacts"]["candidate_scorer.int8.onnx"]["tensorrt_lint"]["ok"]
 
 
 def test_gates_recorded_and_no_gate_marked(exported):
@@ -132,6 +136,10 @@ def test_gates_recorded_and_no_gate_marked(exported):
         "int8_auc_ranking",
         "int8_logloss_ranking",
         "int8_size",
+        "int8_cpu_auc_ranking",
+        "int8_cpu_auc_split",
+        "int8_cpu_logloss_split",
+        "int8_cpu_size",
         "tensorrt_lint",
     } <= names
     assert m["gated"] is False
@@ -212,12 +220,15 @@ def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
 
 # ---- TensorRT lint ---------------------------------------------------------------------------------------
 def test_lint_passes_on_every_exported_graph(exported):
-    files = sorted(exported.glob("*.onnx"))
+    # every graph TensorRT is meant to build from; the CPU INT8 flavour (INT8 Gathers) is not one of them
+    files = sorted(f for f in exported.glob("*.onnx") if not f.name.endswith(".int8-cpu.onnx"))
     assert len(files) == 9
     for f in files:
         rep = lint(f)
         assert rep.ok, (f.name, rep.problems)
-    assert all(a["tensorrt_lint"]["ok"] for n, a in _manifest(exported)["artifacts"].items() if n.endswith(".onnx"))
+    artifacts = _manifest(exported)["artifacts"]
+    assert all(artifacts[f.name]["tensorrt_lint"]["ok"] for f in files)
+    assert not lint(exported / "candidate_scorer.int8-cpu.onnx").ok
 
 
 def test_lint_catches_what_tensorrt_rejects():
@@ -410,6 +421,60 @@ def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
     assert np.abs(a - s.run(["ctr"], feeds)[0]).max() <= 1e-4
 
 
+def test_int8_cpu_flavour_has_7bit_weights_and_scores_like_fp32(exported, tiny_run, tiny_data):
+    """The CPU flavour: matmul weights within +-63 (no u8 x s8 saturation, so no overflow-safe kernel), stored
+    in the CPU layout, picked by onnxruntime int8 scoring on CPU, and scoring like FP32 and like the Q/DQ graph."""
+    from dmrx.runtime import export_bundle
+    from dmrx.runtime.ort import SEVEN_BIT, X64_PRECISION, session
+    from dmrx.scoring import Scorer
+    from dmrx.scoring.ort_backend import OrtBackend
+
+    m = onnx.load(str(exported / "candidate_scorer.int8-cpu.onnx"))
+    assert {(p.key, p.value) for p in m.metadata_props} == {SEVEN_BIT}
+    inits = {t.name: t for t in m.graph.initializer}
+    prod = _producers(m)
+    weights = [
+        onnx.numpy_helper.to_array(inits[prod[n.input[1]].input[0]])
+        for n in m.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"
+    ]
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 63 for w in weights)
+    assert any(np.abs(w.astype(int)).max() == 63 for w in weights)
+    assert any(n.op_type == "Gather" and n.name.endswith("__int8") for n in m.graph.node)  # CPU layout
+    s = session(exported / "candidate_scorer.int8-cpu.onnx")
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        s.get_session_options().get_session_config_entry(X64_PRECISION[0])
+
+    cols = _raw_columns(bundle.load(tiny_run), tiny_data / "test.h5", 2000)
+    fp32 = Scorer(exported, "onnxruntime", "fp32", threads=1)
+    int8 = Scorer(exported, "onnxruntime", "int8", threads=1)
+    assert int8.describe()["path"] == "user_encoder.int8-cpu.onnx + candidate_scorer.int8-cpu.onnx"
+    qdq = Scorer(exported, "onnxruntime", "fp32", threads=1)
+    qdq.backend = OrtBackend(export_bundle.load(exported), "int8", "cpu", 1, cpu_flavour=False)
+    assert qdq.describe()["path"] == "user_encoder.int8.onnx + candidate_scorer.int8.onnx"
+    a, b, c = (x.score_batch(cols) for x in (fp32, int8, qdq))
+    # per-row agreement with FP32 at INT8 precision, and the same ranking quality on the file's labels
+    from dmrx.evaluation.metrics import auc
+
+    y = cols["label"]
+    assert np.abs(a - b).max() <= 0.01 and np.abs(b - c).max() <= 0.01
+    assert abs(auc(y, b) - auc(y, a)) <= G.INT8_AUC_TOL
+
+
+def _raw_columns(b: bundle.Bundle, path: Path, n: int) -> dict:
+    """The first n rows of a dmrx file as raw-id columns with [B, T] histories and labels (Scorer's input)."""
+    from dmrx.data.reader import DataFile
+
+    with DataFile(path) as f:
+        n = min(n, f.n_rows)
+        keys = sorted(set(b.spec.batch_keys()) | {"user", "label"})
+        batch = next(
+            f.batches(n, b.model.cfg.max_len, keys=keys, behavior_fields=list(b.spec.behaviors), row_range=(0, n))
+        )
+        batch.update(f.read_columns(0, n, ["seq", "end"]))
+    return batch
+
+
 # ---- the gates themselves, on a model big enough for them to mean something -------------------------------
 @pytest.mark.slow
 def test_every_gate_passes_on_a_trained_model(tmp_path_factory):
@@ -450,5 +515,6 @@ def test_every_gate_passes_on_a_trained_model(tmp_path_factory):
     assert g["fp32_parity"]["value"] <= 1e-5
     assert g["fp16_auc_ranking"]["value"] <= 0.0005 and g["int8_auc_ranking"]["value"] <= 0.001
     assert g["int8_logloss_ranking"]["value"] <= 0.005 and g["int8_size"]["value"] <= 0.40
+    assert g["int8_cpu_auc_split"]["value"] <= 0.001 and g["int8_cpu_logloss_split"]["value"] <= 0.005
     assert m["quality"]["fp32"]["rows"] >= 1000 and m["quality"]["fp32"]["auc"] > 0.55
     assert _manifest(out)["gates_passed"]

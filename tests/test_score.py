@@ -290,3 +290,22 @@ def test_kernel_build_failures_are_reported_not_raised(tmp_path):
     lib, why = score_kernel.build("/bin/false", tmp_path)
     assert lib is None and "failed" in why
     assert list(tmp_path.glob("*.so")) == []
+
+
+def test_loading_the_kernel_leaves_the_process_float_mode_alone():
+    """-ffast-math at link time would turn on flush-to-zero for the whole process and change other
+    libraries' arithmetic (ONNX Runtime's INT8 scores): subnormals must survive the kernel's load."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from dmrx.scoring import kernel\n"
+        "assert kernel.load() is not None\n"
+        "print(float((np.array([1e-39], np.float32) * np.float32(1.0))[0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "AssertionError" in proc.stderr:
+        pytest.skip("no C compiler: the kernel is not built here")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout) > 0

@@ -113,7 +113,19 @@ class PReLU(nn.Module):
         self.weight = nn.Parameter(torch.full((d,), init))
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self.exported(x)
         return torch.where(x >= 0, x, x * self.weight)
+
+    def exported(self, x: Tensor) -> Tensor:
+        """The same function in the ops ONNX Runtime runs fastest: its Where and PRelu kernels took a third
+        of the candidate scorer's time (GreaterOrEqual/Mul/Where ~10x, PRelu ~5x the cost of Mul + Max on
+        a [256, 512] tensor). Both forms give the same bits as the Where form: with every slope in [0, 1],
+        max(x, w x) is x for x >= 0 and w x below; otherwise relu(x) + w min(x, 0) adds an exact zero."""
+        w = self.weight
+        if bool((w >= 0).all()) and bool((w <= 1).all()):
+            return torch.maximum(x, x * w)
+        return F.relu(x) + torch.minimum(x, x.new_zeros(())) * w
 
 
 class AdditiveAttention(nn.Module):

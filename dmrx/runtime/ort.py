@@ -151,13 +151,18 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
 # adds two u8*s8 products into a saturating int16. Symmetric INT8 weights reach +-127 and a shifted activation
 # near zero is already 128, so 128*127*2 > 32767: the sums clip. Measured on an AVX2-only EPYC, tiny test
 # model: CTR off by 0.025 and r_hat by 0.1 against the graph's own Q/DQ arithmetic. This option makes ONNX
-# Runtime convert weights outside [-64, 63] to uint8 and use its U8U8 kernel, which does not saturate; it
-# changes nothing on CPUs with VNNI (or not x86).
+# Runtime convert weights outside [-64, 63] to uint8 and use its U8U8 kernel, which does not saturate; the
+# numbers do not change on CPUs with VNNI (or not x86), the speed does: ~30% of INT8 rows/s on an AVX-512 VNNI
+# Xeon (benchmarks/edge.py), which is why the export's CPU flavour has 7-bit weights and runs without it.
 # Cost on the AVX2 host: ~3% of INT8 rows/s. (`session.qdqisint8allowed=1`, S8S8 kernels, is exact too but
 # halves the rows/s there.) The stored, Gather-after-DQ form cannot take it: ONNX Runtime (1.31, 1.32) fails
 # to load it ("Attempt to replace the existing tensor": an INT8 table read by two DequantizeLinear nodes is
 # converted twice); for_cpu's form loads.
 X64_PRECISION = ("session.x64quantprecision", "1")
+# Graphs quantized with 7-bit weights (|w| <= 64: 255 * 64 * 2 < 32767, no saturation) carry this metadata
+# entry and run without X64_PRECISION, which also slows VNNI CPUs (by ~30% of INT8 rows/s on one).
+SEVEN_BIT = ("dmrx.int8_weights", "7-bit")
+CPU_INT8 = "int8-cpu"  # the export's INT8 graph set for CPUs (user_encoder.int8-cpu.onnx, ...; export.int8)
 
 
 def session(
@@ -188,7 +193,8 @@ def session(
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cpu = providers[0] == "CPUExecutionProvider"
-        if cpu:
+        seven_bit = any((p.key, p.value) == SEVEN_BIT for p in model.metadata_props)
+        if cpu and not seven_bit:  # 7-bit weights cannot saturate the u8 x s8 kernels
             options.add_session_config_entry(*X64_PRECISION)  # for any integer matmul in the graph
         if cpu and any(n.op_type == "DequantizeLinear" for n in model.graph.node):
             return ort.InferenceSession(
