@@ -55,7 +55,7 @@ def test_group_rows():
 
 
 def test_score_batch_matches_per_row_reference(run_bundle, tiny_data, reference):
-    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    scorer = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     assert scorer.describe()["path"].startswith("grouped")
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
     got = scorer.score_batch(batch)
@@ -154,7 +154,7 @@ def test_grouped_path_equals_reference_path(run_bundle, tiny_data):
 
 
 def test_int8_close_to_fp32(run_bundle, tiny_data, reference):
-    scorer = Scorer(run_bundle, backend="torch", precision="int8", threads=1)
+    scorer = Scorer(run_bundle, backend="torch", precision="int8", device="cpu", threads=1)
     got = scorer.score_batch(raw_batch(run_bundle, tiny_data / "candidates.h5"))
     assert np.abs(got - reference).max() < 0.02  # documented int8 tolerance (dynamic per-batch scales)
 
@@ -163,7 +163,7 @@ def test_cpu_half_precision_is_refused(run_bundle):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(DmrxError, match="needs a CUDA GPU"):
-        Scorer(run_bundle, backend="torch", precision="fp16")
+        Scorer(run_bundle, backend="torch", precision="fp16", device="cpu")
     with pytest.raises(DmrxError, match="--backend must be"):
         Scorer(run_bundle, backend="tpu")
 
@@ -269,12 +269,12 @@ def test_scoring_with_and_without_kernel_agree(run_bundle, tiny_data, reference,
     from dmrx.scoring import kernel as score_kernel
 
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
-    with_kernel = Scorer(run_bundle, backend="torch", threads=1)
+    with_kernel = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     if score_kernel.load() is None:
         pytest.skip(f"kernel unavailable here: {score_kernel.reason}")
     assert "kernel" in with_kernel.describe()["path"]
     monkeypatch.setenv("DMRX_SCORE_KERNEL", "0")
-    without = Scorer(run_bundle, backend="torch", threads=1)
+    without = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     assert without.describe()["path"] == "grouped, torch attention"
     assert without.describe()["kernel"] == "disabled by DMRX_SCORE_KERNEL=0"
     a, b = with_kernel.score_batch(batch), without.score_batch(batch)
