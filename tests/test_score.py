@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -290,3 +291,36 @@ def test_kernel_build_failures_are_reported_not_raised(tmp_path):
     lib, why = score_kernel.build("/bin/false", tmp_path)
     assert lib is None and "failed" in why
     assert list(tmp_path.glob("*.so")) == []
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_folds_the_input_norm_in_fp32(run_bundle, tiny_data, dtype, tol):
+    """fp16/bf16 scoring (CUDA only) casts a copy of the model with the MLP input's batch norm folded into
+    the first layer in fp32. Checked here on the CPU, where torch runs fp16/bf16 too: the model as the
+    backend builds it for half precision (fold_input_norm, then the cast), run in that precision on real
+    rows, against fp32. The running variance of the product columns is set to what longer training gives
+    (1e-6, subnormal in fp16; the tiny run's are larger)."""
+    from dmrx.evaluation.predict import to_tensors
+    from dmrx.scoring.torch_backend import fold_input_norm
+
+    model = copy.deepcopy(run_bundle.model).eval()
+    cfg, bn = model.cfg, model.input_norm
+    d_prod = len(model.prod_e)
+    assert bn is not None and cfg.target_product and d_prod
+    cols = slice(bn.num_features - int(cfg.use_u2i) - d_prod, bn.num_features - int(cfg.use_u2i))
+    with torch.no_grad():
+        bn.running_var[cols] = 1e-6
+        bn.running_mean[cols] = 2e-4
+    encoder = run_bundle.encoder()
+    with DataFile(tiny_data / "candidates.h5") as f:
+        keys = ["seq", "end"] + sorted(set(encoder.spec.batch_keys()))
+        batch = next(f.batches(512, cfg.max_len, encoder=encoder, keys=keys, behavior_fields=encoder.spec.behaviors))
+    t = to_tensors(encoder.finish(batch))
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
+    with torch.inference_mode():
+        ref = torch.sigmoid(model(t)["logit"])
+        folded = fold_input_norm(model)
+        assert folded.input_norm is None and model.input_norm is not None  # a copy; the model is untouched
+        assert (torch.sigmoid(folded(t)["logit"]) - ref).abs().max() <= 1e-5  # the fold itself is exact
+        got = torch.sigmoid(folded.to(dtype)(half)["logit"].float())
+    assert (got - ref).abs().max() <= tol
