@@ -23,6 +23,18 @@ def _one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_tier(request, monkeypatch):
+    """Tests not marked `gpu` mean the CPU: on a machine with a GPU, device auto-selection would otherwise
+    train and score on CUDA (bf16 autocast, no int8, no C kernel, no bitwise determinism) and change what
+    they check. This is a fake at the CUDA boundary: torch is told no GPU is visible, in this process and in
+    the processes tests start (CUDA_VISIBLE_DEVICES). The tests also name device="cpu" where it matters."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    yield
+
+
 REPO = Path(__file__).resolve().parents[1]
 CLI_MODULES = ("test_cli", "test_score_cli")
 
@@ -80,6 +92,6 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
         run,
         # with the user id (off by default) so its encoding, scoring and export stay covered
         DMRConfig(embed_dim=8, attn_hidden=16, mlp=(32, 16), num_negatives=50, max_len=20, use_user_id=True),
-        TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10),
+        TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10, device="cpu"),
     )
     return run

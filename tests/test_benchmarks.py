@@ -23,14 +23,20 @@ def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_gpu_check_dry_run_on_cpu_passes_every_check():
-    p = _run("gpu_check.py", "--device", "cpu", "--steps", "30", "--users", "400", "--json")
+def test_gpu_check_dry_run_on_cpu_passes_every_check(tmp_path):
+    table = tmp_path / "gpu_check.json"
+    args = ["--device", "cpu", "--steps", "30", "--users", "400", "--speed-steps", "2", "--json-out", str(table)]
+    p = _run("gpu_check.py", *args, "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout[p.stdout.index("{\n") :])
+    assert json.loads(table.read_text()) == out  # the file written after every stage holds the whole table
     names = [c["check"] for c in out["checks"]]
-    assert any(k.startswith("train: loss") for k in names)
-    assert any(k.startswith("parity") for k in names)
+    for prefix in ("train: loss", "parity", "LazyAdam", "train step/s at batch 4096", "gloo: sparse", "score torch"):
+        assert any(k.startswith(prefix) for k in names), prefix
     assert all(c["ok"] is not False for c in out["checks"])
+    assert not any(k.endswith(": error") for k in names)
+    skipped = {c["check"] for c in out["checks"] if c["result"].startswith("skipped: no CUDA")}
+    assert {"score torch fp16", "score torch bf16", "peak CUDA memory allocated"} <= skipped
 
 
 def test_quality_results_file_reuses_finished_runs(tmp_path):

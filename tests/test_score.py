@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -55,7 +56,7 @@ def test_group_rows():
 
 
 def test_score_batch_matches_per_row_reference(run_bundle, tiny_data, reference):
-    scorer = Scorer(run_bundle, backend="torch", threads=1)
+    scorer = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     assert scorer.describe()["path"].startswith("grouped")
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
     got = scorer.score_batch(batch)
@@ -154,7 +155,7 @@ def test_grouped_path_equals_reference_path(run_bundle, tiny_data):
 
 
 def test_int8_close_to_fp32(run_bundle, tiny_data, reference):
-    scorer = Scorer(run_bundle, backend="torch", precision="int8", threads=1)
+    scorer = Scorer(run_bundle, backend="torch", precision="int8", device="cpu", threads=1)
     got = scorer.score_batch(raw_batch(run_bundle, tiny_data / "candidates.h5"))
     assert np.abs(got - reference).max() < 0.02  # documented int8 tolerance (dynamic per-batch scales)
 
@@ -163,7 +164,7 @@ def test_cpu_half_precision_is_refused(run_bundle):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(DmrxError, match="needs a CUDA GPU"):
-        Scorer(run_bundle, backend="torch", precision="fp16")
+        Scorer(run_bundle, backend="torch", precision="fp16", device="cpu")
     with pytest.raises(DmrxError, match="--backend must be"):
         Scorer(run_bundle, backend="tpu")
 
@@ -269,12 +270,12 @@ def test_scoring_with_and_without_kernel_agree(run_bundle, tiny_data, reference,
     from dmrx.scoring import kernel as score_kernel
 
     batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
-    with_kernel = Scorer(run_bundle, backend="torch", threads=1)
+    with_kernel = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     if score_kernel.load() is None:
         pytest.skip(f"kernel unavailable here: {score_kernel.reason}")
     assert "kernel" in with_kernel.describe()["path"]
     monkeypatch.setenv("DMRX_SCORE_KERNEL", "0")
-    without = Scorer(run_bundle, backend="torch", threads=1)
+    without = Scorer(run_bundle, backend="torch", device="cpu", threads=1)
     assert without.describe()["path"] == "grouped, torch attention"
     assert without.describe()["kernel"] == "disabled by DMRX_SCORE_KERNEL=0"
     a, b = with_kernel.score_batch(batch), without.score_batch(batch)
@@ -309,3 +310,36 @@ def test_loading_the_kernel_leaves_the_process_float_mode_alone():
         pytest.skip("no C compiler: the kernel is not built here")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout) > 0
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_folds_the_input_norm_in_fp32(run_bundle, tiny_data, dtype, tol):
+    """fp16/bf16 scoring (CUDA only) casts a copy of the model with the MLP input's batch norm folded into
+    the first layer in fp32. Checked here on the CPU, where torch runs fp16/bf16 too: the model as the
+    backend builds it for half precision (fold_input_norm, then the cast), run in that precision on real
+    rows, against fp32. The running variance of the product columns is set to what longer training gives
+    (1e-6, subnormal in fp16; the tiny run's are larger)."""
+    from dmrx.evaluation.predict import to_tensors
+    from dmrx.scoring.torch_backend import fold_input_norm
+
+    model = copy.deepcopy(run_bundle.model).eval()
+    cfg, bn = model.cfg, model.input_norm
+    d_prod = len(model.prod_e)
+    assert bn is not None and cfg.target_product and d_prod
+    cols = slice(bn.num_features - int(cfg.use_u2i) - d_prod, bn.num_features - int(cfg.use_u2i))
+    with torch.no_grad():
+        bn.running_var[cols] = 1e-6
+        bn.running_mean[cols] = 2e-4
+    encoder = run_bundle.encoder()
+    with DataFile(tiny_data / "candidates.h5") as f:
+        keys = ["seq", "end"] + sorted(set(encoder.spec.batch_keys()))
+        batch = next(f.batches(512, cfg.max_len, encoder=encoder, keys=keys, behavior_fields=encoder.spec.behaviors))
+    t = to_tensors(encoder.finish(batch))
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}
+    with torch.inference_mode():
+        ref = torch.sigmoid(model(t)["logit"])
+        folded = fold_input_norm(model)
+        assert folded.input_norm is None and model.input_norm is not None  # a copy; the model is untouched
+        assert (torch.sigmoid(folded(t)["logit"]) - ref).abs().max() <= 1e-5  # the fold itself is exact
+        got = torch.sigmoid(folded.to(dtype)(half)["logit"].float())
+    assert (got - ref).abs().max() <= tol

@@ -19,7 +19,8 @@ from dmrx.cli.app import app
 runner = CliRunner()
 TINY = {
     "model": {"embed_dim": 8, "attn_hidden": 16, "mlp": [32, 16], "num_negatives": 50, "max_len": 20},
-    "train": {"batch_size": 64, "log_every": 5, "checkpoint_every": 7, "patience": 0},
+    # the CPU: bitwise determinism and the two-process gloo run (CUDA's bf16 autocast would change both)
+    "train": {"batch_size": 64, "log_every": 5, "checkpoint_every": 7, "patience": 0, "device": "cpu"},
 }
 
 

@@ -200,20 +200,29 @@ class DinAttention(nn.Module):
 def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
     """Batch norm in training over the global batch of all ranks (each holds a slice of it), so a
     distributed run normalises, and trains, as one process would. torch's SyncBatchNorm does this on
-    GPUs only; this works on gloo too. Statistics are summed with an autograd-aware all_reduce."""
+    GPUs only; this works on gloo too. Statistics are summed with an autograd-aware all_reduce.
+
+    Every rank calls this at every step, a rank with no rows too (its sums are zeros): the all-reduce is a
+    collective. A global batch of one row has no statistics: like one process, it takes the running ones,
+    chosen on the device (torch.where) so that no step waits for the row count."""
     from torch.distributed.nn.functional import all_reduce
 
     d = x.shape[1]
     stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])]))
     n = stats[-1]
-    mean = stats[:d] / n
-    var = (stats[d : 2 * d] / n - mean * mean).clamp_min(0.0)
+    one = n <= 1
+    mean = stats[:d] / n.clamp_min(1.0)
+    var = (stats[d : 2 * d] / n.clamp_min(1.0) - mean * mean).clamp_min(0.0)
+    # copies: the update below is in place, and backward needs the values this step used
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    scale = bn.weight * torch.rsqrt(running_var + bn.eps)
+    running = x * scale + (bn.bias - running_mean * scale)
     with torch.no_grad():
-        m = bn.momentum
-        bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-        bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1.0)), alpha=m)
-        bn.num_batches_tracked.add_(1)
-    return (x - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias
+        m = torch.where(one, 0.0, bn.momentum)
+        bn.running_mean.mul_(1 - m).add_(mean.detach() * m)
+        bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1.0)) * m)
+        bn.num_batches_tracked.add_((~one).long())
+    return torch.where(one, running, (x - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias)
 
 
 def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:

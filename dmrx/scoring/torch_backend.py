@@ -225,6 +225,23 @@ class GroupedCandidates(nn.Module):
         return h.squeeze(-1)
 
 
+def fold_input_norm(model: DMR) -> DMR:
+    """A copy of the model with the MLP input's batch norm (eval: a per-column affine) folded into the
+    first linear layer, computed in the model's own precision: fold an fp32 model, then cast the copy to
+    fp16/bf16. Folded after the cast, the product columns' running variance (about 1e-6) would be a
+    subnormal fp16 number, their scale (about 300) computed from a few bits."""
+    model = copy.deepcopy(model)
+    if model.input_norm is None:
+        return model
+    first: nn.Linear = model.mlp[0]
+    with torch.no_grad():
+        scale, shift = model.input_affine()
+        first.bias.add_(first.weight @ shift)
+        first.weight.mul_(scale)
+    model.input_norm = None
+    return model
+
+
 class TorchBackend:
     """Scores prepared batches (see dmrx.scoring.scorer.Work) with the run's torch model."""
 
@@ -267,7 +284,7 @@ class TorchBackend:
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         model = bundle.model
         if cuda or self.dtype != torch.float32:
-            model = copy.deepcopy(model).to(self.device, self.dtype)
+            model = fold_input_norm(model).to(self.device, self.dtype)
         self.model = model.eval()
         self.max_len = model.cfg.max_len
         self.grouped: GroupedCandidates | None = None

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dmrx.errors import DmrxError
+
 
 @dataclass
 class Dist:
@@ -111,7 +113,14 @@ def setup(device: torch.device) -> Dist:
     if world <= 1:
         return Dist(0, 1, device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        present = torch.cuda.device_count()
+        if local >= present:
+            raise DmrxError(
+                f"torchrun LOCAL_RANK={local} but this machine has {present} CUDA device(s): start at most "
+                f"{present} process(es) per node (--nproc-per-node), or train on the CPU with --device cpu"
+            )
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -32,6 +32,7 @@ from dmrx.artifacts import manifests
 from dmrx.artifacts.atomic import atomic_dir, atomic_file, write_json
 from dmrx.choices import DEVICES
 from dmrx.data.features import Encoder, declare, fit
+from dmrx.data.prefetch import prefetch
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
 from dmrx.evaluation.metrics import auc, relevance_means
@@ -58,7 +59,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 1  # epochs without a better validation AUC before stopping
     eval_every: int = 0  # also validate every N steps (0: once per epoch)
-    checkpoint_every: int = 500  # steps
+    checkpoint_seconds: float = 300.0  # a checkpoint at the first log step this long after the last (0: off)
+    checkpoint_every: int = 0  # also every N steps (0: off)
     log_every: int = 50  # steps between lines of metrics.jsonl
     min_count: int = 1  # ids seen fewer times in training map to the unknown index
     max_steps: int = 0  # stop after this many steps (0: no limit); for smoke tests
@@ -68,10 +70,10 @@ class TrainConfig:
         return from_options(cls, d, "train")
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every", "log_every", "min_count"):
+        for name in ("epochs", "batch_size", "log_every", "min_count"):
             if getattr(self, name) <= 0:
                 raise DmrxError(f"train option {name} must be positive, got {getattr(self, name)}")
-        for name in ("patience", "eval_every", "max_steps"):
+        for name in ("patience", "eval_every", "max_steps", "checkpoint_every", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise DmrxError(f"train option {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -342,30 +344,43 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
             state["bad_epochs"] += 1
         return bool(train_cfg.patience) and state["bad_epochs"] >= train_cfg.patience
 
-    def step(batch: dict[str, np.ndarray]) -> tuple[float, float]:
-        """One optimiser step on a global batch; this rank computes its slice of the rows."""
-        n_all = len(batch["label"])
-        n_aux = int((batch["hist_len"] >= 2).sum())
-        mine = dist.rows(n_all)
-        t = to_tensors(encoder.finish({k: v[mine] for k, v in batch.items()}), device)
-        n_mine, aux_mine = len(t["label"]), int((t["hist_len"] >= 2).sum())
+    pin = device.type == "cuda"
+
+    def prepare(batches):
+        """This rank's rows of each global batch as CPU tensors (pinned for CUDA), with the row counts the
+        loss weights need, computed from numpy so that no step waits on the device for them. Runs in the
+        prefetch thread, ahead of the step."""
+        for batch in batches:
+            n_all = len(batch["label"])
+            aux_rows = batch["hist_len"] >= 2
+            mine = dist.rows(n_all)
+            t = to_tensors(encoder.finish({k: v[mine] for k, v in batch.items()}))
+            if pin:
+                t = {k: v.pin_memory() for k, v in t.items()}
+            yield n_all, int(aux_rows.sum()), mine.stop - mine.start, int(aux_rows[mine].sum()), t
+
+    def step(item) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on a global batch; this rank computes its slice of the rows.
+
+        A rank whose slice is empty (a file's last batch can have fewer rows than there are ranks) still
+        runs a zero-row forward and backward pass: every rank must issue the same collectives in the same
+        order (the global batch norm's all-reduces, then the gradient averaging). Returns this rank's mean
+        losses as device tensors; reading them waits for the device, so the loop reads them at log steps."""
+        n_all, n_aux, n_mine, aux_mine, t = item
+        t = {k: v.to(device, non_blocking=True) for k, v in t.items()}
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        loss_t = loss_aux = torch.zeros((), device=device)
-        if n_mine:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(t, *((sampler.sample(state["step"]), sampler.log_q) if use_aux else ()))
-            loss_t = F.binary_cross_entropy_with_logits(out["logit"].float(), t["label"])
-            if use_aux:
-                loss_aux = out["aux"].float()
-            # weights so that averaging over ranks gives the global batch's mean losses
-            w_t = dist.world * n_mine / n_all
-            w_aux = dist.world * aux_mine / max(n_aux, 1)
-            (w_t * loss_t + model_cfg.beta * w_aux * loss_aux).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(t, *((sampler.sample(state["step"]), sampler.log_q) if use_aux else ()))
+        loss_sum = F.binary_cross_entropy_with_logits(out["logit"].float(), t["label"], reduction="sum")
+        loss_aux = out["aux"].float() if use_aux else torch.zeros((), device=device)
+        # weights so that averaging over ranks gives the global batch's mean losses
+        w_aux = dist.world * aux_mine / max(n_aux, 1)
+        (dist.world / n_all * loss_sum + model_cfg.beta * w_aux * loss_aux).backward()
         dist.average_gradients(model)
         for opt in opts:
             opt.step()
-        return loss_t.item(), loss_aux.item()
+        return loss_sum.detach() / max(n_mine, 1), loss_aux.detach()
 
     # one bar, restarted at each epoch; under torchrun rank 0 alone reports
     bar = (
@@ -375,6 +390,7 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
     )
     model.train()
     t_last, ex_last = time.perf_counter(), state["examples"]
+    t_checkpoint = t_last
     sums = {"loss": 0.0, "aux": 0.0, "n": 0}
     while not state["done"] and state["epoch"] < train_cfg.epochs:
         t0 = time.perf_counter()
@@ -389,40 +405,51 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
             keys=keys,
             behavior_fields=spec.behaviors,
         )
-        for batch in batches:
-            loss_t, loss_aux = step(batch)
-            state["step"] += 1
-            state["batch"] += 1
-            state["examples"] += len(batch["label"])
-            sums["loss"] += loss_t
-            sums["aux"] += loss_aux
-            sums["n"] += 1
-            if state["step"] % train_cfg.log_every == 0:
-                now = time.perf_counter()
-                speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
-                t_last, ex_last = now, state["examples"]
-                rec = {
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "loss": sums["loss"] / sums["n"],
-                    "aux_loss": sums["aux"] / sums["n"],
-                    "beta_aux": model_cfg.beta * sums["aux"] / sums["n"],
-                    "examples_per_s": speed,
-                }
-                write_log(rec)
-                bar(state["batch"], info=f"{speed:,.0f} ex/s  loss {rec['loss']:.4f}  aux {rec['aux_loss']:.3f}")
-                sums = {"loss": 0.0, "aux": 0.0, "n": 0}
-            if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
-                write_log(
-                    {"step": state["step"], "epoch": state["epoch"], **_validate(model, encoder, valid, device, dist)}
-                )
-            if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
-                state["done"] = True
-                break
-            if state["step"] % train_cfg.checkpoint_every == 0:
-                state["train_seconds"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                checkpoint()
+        with prefetch(prepare(batches), depth=2, name="dmrx-train-reader") as items:
+            for item in items:
+                loss_t, loss_aux = step(item)
+                state["step"] += 1
+                state["batch"] += 1
+                state["examples"] += item[0]
+                sums["loss"] += loss_t
+                sums["aux"] += loss_aux
+                sums["n"] += 1
+                due = bool(train_cfg.checkpoint_every) and state["step"] % train_cfg.checkpoint_every == 0
+                if state["step"] % train_cfg.log_every == 0:
+                    now = time.perf_counter()
+                    speed = (state["examples"] - ex_last) / max(now - t_last, 1e-9)
+                    t_last, ex_last = now, state["examples"]
+                    loss, aux = float(sums["loss"]) / sums["n"], float(sums["aux"]) / sums["n"]
+                    rec = {
+                        "step": state["step"],
+                        "epoch": state["epoch"],
+                        "loss": loss,
+                        "aux_loss": aux,
+                        "beta_aux": model_cfg.beta * aux,
+                        "examples_per_s": speed,
+                    }
+                    write_log(rec)
+                    bar(state["batch"], info=f"{speed:,.0f} ex/s  loss {loss:.4f}  aux {aux:.3f}")
+                    sums = {"loss": 0.0, "aux": 0.0, "n": 0}
+                    # rank 0's clock decides, so that every rank joins the checkpoint's barrier
+                    late = bool(train_cfg.checkpoint_seconds) and now - t_checkpoint >= train_cfg.checkpoint_seconds
+                    due = dist.broadcast(due or late)
+                if train_cfg.eval_every and valid is not None and state["step"] % train_cfg.eval_every == 0:
+                    write_log(
+                        {
+                            "step": state["step"],
+                            "epoch": state["epoch"],
+                            **_validate(model, encoder, valid, device, dist),
+                        }
+                    )
+                if train_cfg.max_steps and state["step"] >= train_cfg.max_steps:
+                    state["done"] = True
+                    break
+                if due:
+                    state["train_seconds"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    checkpoint()
+                    t_checkpoint = time.perf_counter()
         state["train_seconds"] += time.perf_counter() - t0
         if state["batch"] >= n_batches or state["done"]:
             stop = end_epoch_validation()
