@@ -99,6 +99,11 @@ class UserEncoder:
 
     def __init__(self, bundle, backend: str = "torch"):
         model = bundle.model
+        if model.cfg.model != "dmr":
+            raise DmrxError(
+                f"{bundle.path}: a {model.cfg.model} baseline has no user vector u and no output item table V'; "
+                "retrieval needs a DMR run (dmrx train --arch dmr)"
+            )
         if not model.cfg.use_u2i:
             raise DmrxError(
                 f"{bundle.path}: the model has no User-to-Item network (use_u2i is off), so it has "

@@ -124,6 +124,10 @@ def make_backend(
     device: str | None,
     threads: int | None,
 ):
+    if device is not None:
+        from dmrx.models.device import pick_device
+
+        pick_device(device)  # a named CUDA device that is not there is an error, as in training
     if backend == "auto":
         backend, device = auto_backend(manifest, precision, device)
     if backend == "torch":

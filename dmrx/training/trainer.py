@@ -89,13 +89,13 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
     the option; then the flags that are not None override its train options."""
     raw: dict = {}
     if path is not None:
-        if not path.exists():
-            raise DmrxError(f"{path}: no such config file")
+        if not path.is_file():
+            raise DmrxError(f"{path}: no such config file" + (" (it is a directory)" if path.is_dir() else ""))
         if path.suffix == ".toml" and tomllib is None:
             raise DmrxError(f"{path}: TOML configs need Python 3.11 or newer; use a JSON config")
         try:
             raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
+        except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise DmrxError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(raw, dict):
             raise DmrxError(f"{path}: expected a table with 'model' and 'train' sections")
@@ -108,9 +108,12 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
         train_cfg = TrainConfig.from_json(raw.get("train", {}))
         train_cfg.validate()
     except DmrxError as e:
-        raise DmrxError(f"{path}: {e}") from None
+        raise DmrxError(f"{path}: {e}" if path is not None else str(e)) from None
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
-    train_cfg.validate()
+    try:
+        train_cfg.validate()
+    except DmrxError as e:  # a flag's value (the file's were checked above)
+        raise DmrxError(str(e).replace("train option ", "--").replace("_", "-")) from None
     return model_cfg, train_cfg
 
 
