@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -113,9 +116,18 @@ def evaluate(
 
     b = bundle.load(run)
     with DataFile(data) as f:
-        f.require_labels("evaluation")
-        res = predict(b.model, b.encoder(), f, batch_size=batch_size)
-    metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
+        encoder = b.encoder()
+        encoder.check_file(f)
+        f.require_labels("evaluation", both_classes=False)  # one class still has a logloss
+        res = predict(b.model, encoder, f, batch_size=batch_size)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means over no rows: undefined, shown as such
+        metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    if metrics.get("auc") is None:
+        err_console.print(
+            f"note: {data} holds one class only: AUC and gAUC are undefined (shown as -)", highlight=False
+        )
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)

@@ -161,13 +161,16 @@ class DataFile:
         self.n_behaviors = nnz
         self.attrs = dict(h5.attrs)
 
-    def require_labels(self, purpose: str, chunk_rows: int = 1 << 20) -> None:
+    def require_labels(self, purpose: str, both_classes: bool = True, chunk_rows: int = 1 << 20) -> None:
         """Refuse a file that cannot serve `purpose` ("training", "validation", "evaluation"): no labels,
-        no rows, or one class only (a click model learns nothing from it, and AUC is undefined on it)."""
+        no rows, or (both_classes) one class only: a click model learns nothing from it, and AUC is undefined
+        on it."""
         if not self.fields.has_label:
             raise self._err(f"examples/label is missing; {purpose} needs labels")
         if self.n_rows == 0:
             raise self._err(f"no examples (0 rows); {purpose} needs labelled rows")
+        if not both_classes:
+            return
         positives = 0
         for start in range(0, self.n_rows, chunk_rows):
             positives += int(self.read_columns(start, min(start + chunk_rows, self.n_rows), ["label"])["label"].sum())
