@@ -44,6 +44,10 @@ WRITE_ERRNOS = frozenset(
 )
 
 
+# how HDF5 (RuntimeError) and safetensors (SafetensorError) carry the errno of a failed write
+_ERRNO_IN_MESSAGE = re.compile(r"(?:errno = |os error )(\d+)")
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -106,9 +110,14 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     naming `path`; an OSError about another file (an input) names that file instead."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError):  # HDF5 reports some failed writes (flush, resize) this way
-            if "errno = " not in str(e):
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno is None and " written" in str(e):
+            # numpy's tofile: "N requested and M written", a short write with no errno
+            raise OutputError(f"{path}: cannot write (a short write: {e}; is the disk full?)") from None
+        if not isinstance(e, OSError):
+            # HDF5 reports some failed writes (flush, resize) as RuntimeError, safetensors as SafetensorError,
+            # each with the errno in the message
+            if _ERRNO_IN_MESSAGE.search(str(e)) is None:
                 raise
             e = _h5_oserror(e)
         if e.errno not in WRITE_ERRNOS:
@@ -139,7 +148,7 @@ def hdf5_broken() -> bool:
 
 
 def _failed_h5_write(exc) -> bool:
-    return isinstance(exc, (OSError, RuntimeError)) and "errno = " in str(exc)
+    return isinstance(exc, (OSError, RuntimeError)) and _ERRNO_IN_MESSAGE.search(str(exc)) is not None
 
 
 def quiet_failed_h5_deallocs() -> None:
@@ -165,9 +174,10 @@ def quiet_failed_h5_deallocs() -> None:
 
 
 def _h5_oserror(e: Exception) -> OSError:
+    """e as an OSError with the errno it carries (in its message, for HDF5 and safetensors; else EIO)."""
     if isinstance(e, OSError) and e.errno:
         return OSError(e.errno, os.strerror(e.errno))
-    code = re.search(r"errno = (\d+)", str(e))
+    code = _ERRNO_IN_MESSAGE.search(str(e))
     return OSError(int(code.group(1)) if code else errno.EIO, str(e).splitlines()[0][:200])
 
 
@@ -248,7 +258,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OutputError as e:  # a file inside failed: name where it was going, not the temporary name
+                raise OutputError(str(e).replace(str(tmp), str(path))) from None
             _publish_modes(tmp)
             if path.exists() and overwrite:
                 old = path.with_name(f".{path.name}.old")
