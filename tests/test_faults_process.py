@@ -136,7 +136,9 @@ def test_train_killed_then_resumed_is_identical(after_first_checkpoint, tiny_dat
 
 def test_score_killed_then_resumed_is_identical(tiny_data, tiny_run, tmp_path):
     cand = tiny_data / "candidates.h5"
-    dmrx("score", cand, "--model", tiny_run, "--out", "ref.h5", "--chunk-rows", "64", cwd=tmp_path)
+    dmrx(
+        "score", cand, "--model", tiny_run, "--out", "ref.h5", "--chunk-rows", "64", "--batch-size", "64", cwd=tmp_path
+    )
     state = tmp_path / ".out.h5.partial" / "state.json"
 
     def committed() -> bool:
@@ -145,7 +147,7 @@ def test_score_killed_then_resumed_is_identical(tiny_data, tiny_run, tmp_path):
         except (OSError, ValueError, KeyError):
             return False
 
-    args = ["score", cand, "--model", tiny_run, "--out", "out.h5", "--chunk-rows", "64"]
+    args = ["score", cand, "--model", tiny_run, "--out", "out.h5", "--chunk-rows", "64", "--batch-size", "64"]
     kill_when(args, tmp_path, committed, random.Random(5).uniform(0, 0.05))
     dmrx(*args, "--resume", cwd=tmp_path)
     assert scores(tmp_path / "out.h5") == scores(tmp_path / "ref.h5")
@@ -220,8 +222,10 @@ def test_full_disk_train_then_resume(tiny_data, config, reference_run, tmp_path)
 
 def test_full_disk_score_then_resume(tiny_data, tiny_run, tmp_path):
     cand = tiny_data / "candidates.h5"
-    dmrx("score", cand, "--model", tiny_run, "--out", "ref.h5", "--chunk-rows", "64", cwd=tmp_path)
-    args = ["score", cand, "--model", tiny_run, "--out", "out.h5", "--chunk-rows", "64"]
+    dmrx(
+        "score", cand, "--model", tiny_run, "--out", "ref.h5", "--chunk-rows", "64", "--batch-size", "64", cwd=tmp_path
+    )
+    args = ["score", cand, "--model", tiny_run, "--out", "out.h5", "--chunk-rows", "64", "--batch-size", "64"]
     res = dmrx(*args, cwd=tmp_path, limit=2_000, check=False)
     one_line_error(res, "out.h5", "File too large", "--resume")
     assert not (tmp_path / "out.h5").exists()

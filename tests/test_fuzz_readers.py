@@ -39,7 +39,14 @@ def arrays(draw):
         values = np.array(draw(st.lists(st.binary(max_size=3), min_size=n, max_size=n)), dtype).reshape(shape)
     elif dtype.kind == "f":
         values = np.array(
-            draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=n, max_size=n)), dtype
+            draw(
+                st.lists(
+                    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False, width=32),
+                    min_size=n,
+                    max_size=n,
+                )
+            ),
+            dtype,
         ).reshape(shape)
     else:
         info = np.iinfo(dtype) if dtype.kind in "iu" else None
