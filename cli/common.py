@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import IO, Any
 
@@ -36,6 +37,17 @@ console = _Console()
 err_console = _Console(stderr=True)
 
 
+def _one_line(message: str) -> None:
+    err_console.print("[bold red]error:[/] ", end="")
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+    from dmrx.artifacts.atomic import hdf5_broken
+
+    if hdf5_broken():  # outputs are cleaned up already; HDF5's exit handler would crash on its broken state
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+
 def user_errors(fn):
     """Turn a DmrxError into one line on stderr and exit code 2: no traceback, the message says it all."""
 
@@ -44,8 +56,16 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DmrxError as e:
-            err_console.print("[bold red]error:[/] ", end="")
-            err_console.print(str(e), markup=False, highlight=False, soft_wrap=True)
+            _one_line(str(e))
+            raise typer.Exit(2) from None
+        except OSError as e:
+            # the net under every writer's own handling: a full disk or a read-only place is the
+            # environment's problem, said in one line, whichever file it struck
+            from dmrx.artifacts.atomic import WRITE_ERRNOS, write_error
+
+            if e.errno not in WRITE_ERRNOS or e.filename is None:
+                raise
+            _one_line(str(write_error(e.filename, e)))
             raise typer.Exit(2) from None
         except ImportError as e:
             if e.name not in EXTRAS:

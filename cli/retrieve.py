@@ -129,6 +129,8 @@ def _parse_user(text: str, where: str) -> int:
         raise DmrxError(f"{where}: {text.strip()!r} is not an integer user id") from None
     if value < 0:
         raise DmrxError(f"{where}: user id {value} is negative (ids are >= 0)")
+    if value > np.iinfo(np.int64).max:
+        raise DmrxError(f"{where}: user id {value} is beyond the largest id a data file holds (2**63 - 1)")
     return value
 
 
@@ -208,16 +210,14 @@ class _Sink:
         if out is None:
             self.kind, self._fh = ("json" if fmt == "json" else "csv"), sys.stdout
         else:
-            from dmrx.artifacts.atomic import atomic_file
+            from dmrx.artifacts.atomic import atomic_file, h5_writer
 
             tmp = self._stack.enter_context(atomic_file(out))
             self.kind = (
                 "h5" if out.suffix in (".h5", ".hdf5") else ("json" if out.suffix in (".json", ".jsonl") else "csv")
             )
             if self.kind == "h5":
-                import h5py
-
-                self._h5 = self._stack.enter_context(h5py.File(tmp, "w"))
+                self._h5 = self._stack.enter_context(h5_writer(tmp))
                 self._users = self._h5.create_dataset("users", (n_users,), np.int64)
                 self._items = self._h5.create_dataset(
                     "items", (n_users, k), np.int64, chunks=(min(n_users, 4096) or 1, k)
@@ -234,6 +234,12 @@ class _Sink:
             self._csv.writerow(["user", "rank", "item", "score"])
 
     def write(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> None:
+        from dmrx.artifacts.atomic import writing
+
+        with writing(self.out or "<stdout>"):
+            self._write(users, items, scores)
+
+    def _write(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> None:
         if self.kind == "h5":
             sl = slice(self.n, self.n + len(users))
             self._users[sl], self._items[sl], self._scores[sl] = users, items, scores

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.table import Table
 
@@ -58,7 +61,7 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Train a DMR model; the run directory becomes a self-contained model bundle."""
-    from dmrx.training.trainer import load_config
+    from dmrx.training.trainer import check_new_run, check_resumable, load_config
     from dmrx.training.trainer import train as run_training
 
     arch = renamed(ctx, arch, model, "--arch", "--model")
@@ -78,17 +81,17 @@ def train(
         raise DmrxError("under torchrun, name the run directory with --out and the training file with --data")
     if resume:
         run_dir = out or _latest_unfinished()
+        check_resumable(run_dir)
         if data is None:
             from dmrx.models.bundle import run_data
 
             data, valid = run_data(run_dir, "train"), run_data(run_dir, "valid")
     else:
+        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        check_new_run(run_dir)
         if data is None:
             data, default_valid = _default_data()
             valid = valid or default_valid
-        run_dir = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise DmrxError(f"{run_dir}: run directory exists and is not empty (use --resume to continue it)")
     with progress(enabled=not json_out) as start:
         summary = run_training(data, valid, run_dir, model_cfg, train_cfg, resume=resume, progress=start)
     summary["run"] = str(run_dir)
@@ -113,10 +116,18 @@ def evaluate(
 
     b = bundle.load(run)
     with DataFile(data) as f:
-        if not f.fields.has_label:
-            raise DmrxError(f"{data}: examples/label is missing; evaluation needs labels")
-        res = predict(b.model, b.encoder(), f, batch_size=batch_size)
-    metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
+        encoder = b.encoder()
+        encoder.check_file(f)
+        f.require_labels("evaluation", both_classes=False)  # one class still has a logloss
+        res = predict(b.model, encoder, f, batch_size=batch_size)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means over no rows: undefined, shown as such
+        metrics = {**report(res["label"], res["prob"], res["user"], res.get("prob_true")), **relevance_means(res)}
+    metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    if metrics.get("auc") is None:
+        err_console.print(
+            f"note: {data} holds one class only: AUC and gAUC are undefined (shown as -)", highlight=False
+        )
     metrics = {"run": str(b.path), "data": str(data), **metrics}
     if json_out:
         print_json(metrics)

@@ -116,8 +116,7 @@ def export_run(run: str | Path | None, opts: ExportOptions, progress: Callable[[
 
         with DataFile(opts.eval_data) as f:
             encoder.check_file(f)
-            if not f.fields.has_label:
-                raise DmrxError(f"{opts.eval_data}: examples/label is missing; the quality gates need labels")
+            f.require_labels("the quality gates (AUC)")
     calib_rows = 0
     if opts.int8:
         from dmrx.calibration import check_calibration_file

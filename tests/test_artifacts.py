@@ -50,7 +50,7 @@ def test_a_failed_block_leaves_nothing(tmp_path):
 def test_atomic_dir_replaces_only_when_asked(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "old").write_text("1")
-    with pytest.raises(OSError), atomic_dir(tmp_path / "d") as tmp:
+    with pytest.raises(DmrxError, match="exists"), atomic_dir(tmp_path / "d") as tmp:
         (tmp / "new").write_text("2")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["old"]
     with atomic_dir(tmp_path / "d", overwrite=True) as tmp:

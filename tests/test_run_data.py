@@ -117,6 +117,9 @@ def moved_run(tiny_run, tmp_path):
 )
 def test_commands_name_their_option_when_the_run_data_moved(moved_run, tiny_data, args, option):
     args = [a.format(test=tiny_data / "test.h5") for a in args]
+    if args[0] == "train":  # make it an interrupted run: a finished one is refused before its data is looked for
+        (moved_run / "checkpoints").mkdir()
+        (moved_run / "checkpoints" / "LATEST").write_text("step-000000000\n")
     res = runner.invoke(app, [*args, str(moved_run)])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output and "gone" in res.output and f"pass the data with {option}" in res.output

@@ -9,15 +9,43 @@ are made private by mkstemp/mkdtemp, and some writers (safetensors) create their
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from dmrx.errors import OutputError
+
+# errnos that mean "this destination cannot be written", not "the input is bad"
+WRITE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EFBIG,
+        errno.EDQUOT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ENAMETOOLONG,
+        errno.EIO,
+    }
+)
+
+
+# how HDF5 (RuntimeError) and safetensors (SafetensorError) carry the errno of a failed write
+_ERRNO_IN_MESSAGE = re.compile(r"(?:errno = |os error )(\d+)")
 
 
 def umask() -> int:
@@ -48,25 +76,171 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_error(path: str | os.PathLike, e: OSError) -> OutputError:
+    """The one-line error for a failed write of `path` (ENOSPC, EFBIG, EACCES, ...)."""
+    reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+    return OutputError(f"{path}: cannot write ({reason})")
+
+
+def check_destination(path: str | os.PathLike, kind: str = "file") -> Path:
+    """`path` if a file (kind "file") or directory (kind "dir") can be created there; else an OutputError.
+
+    Called before the work that produces the output, so that a path under a regular file, a directory where
+    a file belongs (or the reverse) or a read-only directory fails in a second, not after the work.
+    """
+    path = Path(path)
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise OutputError(f"{path}: is a directory; give a file name")
+        if kind == "dir" and not path.is_dir():
+            raise OutputError(f"{path}: exists and is a file, not a directory")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: cannot write in {parent} (permission denied)")
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write in the block (disk full, file too large, read-only, ...) into an OutputError
+    naming `path`; an OSError about another file (an input) names that file instead."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno is None and " written" in str(e):
+            # numpy's tofile: "N requested and M written", a short write with no errno
+            raise OutputError(f"{path}: cannot write (a short write: {e}; is the disk full?)") from None
+        if not isinstance(e, OSError):
+            # HDF5 reports some failed writes (flush, resize) as RuntimeError, safetensors as SafetensorError,
+            # each with the errno in the message
+            if _ERRNO_IN_MESSAGE.search(str(e)) is None:
+                raise
+            e = _h5_oserror(e)
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        name = None if e.filename is None else os.fspath(e.filename)
+        ours = name is None or Path(name) == Path(path) or os.path.basename(name).startswith(f".{Path(path).name}.")
+        raise write_error(path if ours else name, e) from None
+
+
+def _discard_h5(h5) -> None:
+    """Point HDF5's file descriptor at /dev/null: the file is being thrown away, and its pending writes
+    (which fail on a full disk, and a failed flush keeps HDF5's file open until a crash at exit) then
+    succeed, so the close that follows is clean."""
+    with contextlib.suppress(Exception):
+        fd = h5.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+
+
+_hdf5_broken = False
+
+
+def hdf5_broken() -> bool:
+    """True once an HDF5 file could not be closed after a failed write. HDF5's state is then beyond repair
+    and its exit handler would crash the interpreter: the CLI ends such a process with os._exit."""
+    return _hdf5_broken
+
+
+def _failed_h5_write(exc) -> bool:
+    return isinstance(exc, (OSError, RuntimeError)) and _ERRNO_IN_MESSAGE.search(str(exc)) is not None
+
+
+def quiet_failed_h5_deallocs() -> None:
+    """HDF5 writes buffered in a dataset's cache fail when h5py drops the dataset, where Python can only
+    print them (a traceback through sys.excepthook, then "Exception ignored in" through
+    sys.unraisablehook). The close that follows reports the same failure as one error naming the file, so
+    these reports are dropped; any other goes to the hooks as before."""
+    if getattr(sys.unraisablehook, "_dmrx", False):
+        return
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable) -> None:
+        if not (_failed_h5_write(unraisable.exc_value) and "h5py" in repr(unraisable.object)):
+            previous_unraisable(unraisable)
+
+    def except_hook(exc_type, exc, tb) -> None:
+        frames = traceback.extract_tb(tb)
+        if not (_failed_h5_write(exc) and frames and frames[-1].filename.startswith("h5py/")):
+            previous_except(exc_type, exc, tb)
+
+    unraisable_hook._dmrx = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def _h5_oserror(e: Exception) -> OSError:
+    """e as an OSError with the errno it carries (in its message, for HDF5 and safetensors; else EIO)."""
+    if isinstance(e, OSError) and e.errno:
+        return OSError(e.errno, os.strerror(e.errno))
+    code = _ERRNO_IN_MESSAGE.search(str(e))
+    return OSError(int(code.group(1)) if code else errno.EIO, str(e).splitlines()[0][:200])
+
+
+def close_h5(h5, discard: bool = False) -> None:
+    """Close an h5py File; discard: the file is being thrown away (a write failed).
+
+    The file is flushed first; when that fails (a full disk) its descriptor is pointed at /dev/null so that
+    the close can finish, and the failure is raised as an OSError."""
+    global _hdf5_broken
+    failure = None
+    if not discard:
+        try:
+            h5.flush()
+        except Exception as e:
+            failure, discard = e, True
+    if discard:
+        _discard_h5(h5)
+    try:
+        h5.close()
+    except Exception as e:
+        _hdf5_broken = True
+        failure = failure or e
+    if failure is not None:
+        raise _h5_oserror(failure) from None
+
+
+@contextlib.contextmanager
+def h5_writer(path: str | os.PathLike) -> Iterator:
+    """An h5py File opened for writing at `path` (usually atomic_file's temporary name), closed for certain:
+    HDF5 errors while writing and closing come out as OSError, which atomic_file names the output for."""
+    import h5py
+
+    quiet_failed_h5_deallocs()
+    h5 = h5py.File(path, "w")
+    try:
+        yield h5
+    except BaseException:
+        close_h5(h5, discard=True)
+        raise
+    close_h5(h5)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
     durable: fsync the file before the rename, for state that a resumed job trusts after a crash.
+    A failed write (in the block or here) is an OutputError naming `path`; the temporary file is removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _publish_modes(tmp)
-        if durable:
-            _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = check_destination(path, "file")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            _publish_modes(tmp)
+            if durable:
+                _fsync(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -74,24 +248,31 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a temporary directory beside `path`; move it to `path` only if the block succeeds.
 
     overwrite: replace an existing `path` (moved aside first, removed after the new one is in place);
-    otherwise an existing non-empty `path` is never clobbered.
+    otherwise an existing non-empty `path` is never clobbered (an OutputError).
+    A failed write is an OutputError naming `path`; the temporary directory is removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        _publish_modes(tmp)
-        if path.exists() and overwrite:
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)  # fails if a non-empty `path` appeared meanwhile
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    path = check_destination(path, "dir")
+    if not overwrite and path.exists() and any(path.iterdir()):
+        raise OutputError(f"{path}: exists and is not empty")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            try:
+                yield tmp
+            except OutputError as e:  # a file inside failed: name where it was going, not the temporary name
+                raise OutputError(str(e).replace(str(tmp), str(path))) from None
+            _publish_modes(tmp)
+            if path.exists() and overwrite:
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)  # fails if a non-empty `path` appeared meanwhile
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def jsonable(obj):

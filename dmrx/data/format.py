@@ -29,7 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.atomic import atomic_file, close_h5, quiet_failed_h5_deallocs
 from dmrx.errors import DmrxError
 
 FORMAT_NAME = "dmrx-data"
@@ -106,6 +106,7 @@ class Writer:
 
     def __enter__(self) -> Writer:
         tmp = self._atomic.__enter__()
+        quiet_failed_h5_deallocs()
         self._h5 = h5py.File(tmp, "w")
         beh = self._h5.create_group("behaviors")
         off = _dataset(beh, "offsets", np.int64)
@@ -122,8 +123,10 @@ class Writer:
             try:
                 if exc_type is None:
                     self._finish()
-            finally:
-                self._h5.close()
+            except BaseException:
+                close_h5(self._h5, discard=True)
+                raise
+            close_h5(self._h5, discard=exc_type is not None)
         except BaseException as e:
             if not self._atomic.__exit__(type(e), e, e.__traceback__):
                 raise

@@ -13,6 +13,7 @@ import numpy as np
 
 from dmrx.data.format import GROUPS
 from dmrx.data.reader import DataFile
+from dmrx.errors import DmrxError
 
 
 class _Distinct:
@@ -66,7 +67,8 @@ def describe(path: str | os.PathLike, chunk_rows: int = 1 << 18) -> dict:
     path = Path(path)
     with DataFile(path) as data:
         f = data.fields
-        keys = ["seq", "end", "user"] + ["label"] * f.has_label + ["prob"] * f.has_prob
+        # every column, checked as scoring and training check it (ids >= 0, finite dense values, ...)
+        keys = f.example_keys()
         end_counts = np.zeros(1, np.int64)  # end_counts[k]: examples that see k behaviours
         end_sum = positives = 0
         prob_sum = 0.0
@@ -83,6 +85,12 @@ def describe(path: str | os.PathLike, chunk_rows: int = 1 << 18) -> dict:
                 positives += int(np.count_nonzero(cols["label"]))
             if f.has_prob:
                 prob_sum += float(cols["prob"].sum(dtype=np.float64))
+        for name in f.behaviors:
+            for start in range(0, data.n_behaviors, chunk_rows):
+                part = data._read(f"behaviors/{name}", slice(start, min(start + chunk_rows, data.n_behaviors)))
+                if len(part) and part.min() < 0:
+                    row = start + int(np.argmax(part < 0))
+                    raise DmrxError(f"{path}: dataset behaviors/{name} row {row}: negative id {part.min()}")
         n = data.n_rows
         history = None
         if n:

@@ -161,6 +161,25 @@ class DataFile:
         self.n_behaviors = nnz
         self.attrs = dict(h5.attrs)
 
+    def require_labels(self, purpose: str, both_classes: bool = True, chunk_rows: int = 1 << 20) -> None:
+        """Refuse a file that cannot serve `purpose` ("training", "validation", "evaluation"): no labels,
+        no rows, or (both_classes) one class only: a click model learns nothing from it, and AUC is undefined
+        on it."""
+        if not self.fields.has_label:
+            raise self._err(f"examples/label is missing; {purpose} needs labels")
+        if self.n_rows == 0:
+            raise self._err(f"no examples (0 rows); {purpose} needs labelled rows")
+        if not both_classes:
+            return
+        positives = 0
+        for start in range(0, self.n_rows, chunk_rows):
+            positives += int(self.read_columns(start, min(start + chunk_rows, self.n_rows), ["label"])["label"].sum())
+        if positives in (0, self.n_rows):
+            raise self._err(
+                f"dataset examples/label is {int(positives > 0)} in all {self.n_rows:,} rows; for {purpose} a file "
+                "needs both clicks (1) and non-clicks (0): on one class AUC is undefined"
+            )
+
     # ---- reading ------------------------------------------------------------------------------------
     def read_columns(self, start: int, stop: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
         """Example columns for rows [start, stop), checked (ids >= 0, seq/end in range, dense finite)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmrx.artifacts.atomic import check_destination
 from dmrx.data.format import Writer
 
 BTAGS = np.array([1, 2, 3, 4])  # pv, cart, fav, buy
@@ -223,7 +224,7 @@ def generate(out_dir: str | Path = ".", cfg: SyntheticConfig = SyntheticConfig()
 
     Raw ids are 1-based: users 1..cfg.users, items 1..cfg.items, categories and brands likewise.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_destination(out_dir, "dir")
     world = _World(cfg)
     imp = world.impressions(cfg.impressions_per_user, at_end=False)
     # split by time within each user: rank of the impression among the user's impressions
@@ -236,9 +237,16 @@ def generate(out_dir: str | Path = ".", cfg: SyntheticConfig = SyntheticConfig()
         "valid": np.flatnonzero((rank >= 0.8) & (rank < 0.9)),
         "test": np.flatnonzero(rank >= 0.9),
     }
-    written = {f"{name}.h5": _write(world, out_dir / f"{name}.h5", imp, r, True, label_rng) for name, r in rows.items()}
-    cand = world.impressions(cfg.candidates_per_user, at_end=True)
-    written["candidates.h5"] = _write(
-        world, out_dir / "candidates.h5", cand, np.arange(len(cand["user"])), False, label_rng
-    )
+    written: dict[str, int] = {}
+    try:
+        for name, r in rows.items():
+            written[f"{name}.h5"] = _write(world, out_dir / f"{name}.h5", imp, r, True, label_rng)
+        cand = world.impressions(cfg.candidates_per_user, at_end=True)
+        written["candidates.h5"] = _write(
+            world, out_dir / "candidates.h5", cand, np.arange(len(cand["user"])), False, label_rng
+        )
+    except BaseException:
+        for name in written:  # the four files are one data set: none without the others
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     return written

@@ -100,6 +100,12 @@ class UserEncoder:
         from dmrx.runtime import export_bundle
 
         exported = isinstance(bundle, export_bundle.ExportBundle)
+        arch = bundle.settings["arch"] if exported else bundle.model.cfg.model
+        if arch != "dmr":
+            raise DmrxError(
+                f"{bundle.path}: a {arch} baseline has no user vector u and no output item table V'; "
+                "retrieval needs a DMR run (dmrx train --arch dmr)"
+            )
         if not bundle.use_u2i:
             raise DmrxError(
                 f"{bundle.path}: the model has no User-to-Item network, so it has no user vector u to retrieve with"

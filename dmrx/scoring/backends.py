@@ -109,6 +109,10 @@ def auto_backend(export, precision: str, device: str | None, have_run: bool = Tr
 
 def make_backend(source, export, backend: str, precision: str, device: str | None, threads: int | None):
     """The backend that scores with `source` (a run's Bundle, or an ExportBundle) and `export` (or None)."""
+    if str(device).startswith("cuda"):
+        from dmrx.models.device import pick_device
+
+        pick_device(device)  # a named CUDA device that is not there is an error, as in training
     have_run = source is not export
     if backend == "auto":
         backend, device = auto_backend(export, precision, device, have_run)

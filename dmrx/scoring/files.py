@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 
 from dmrx import __version__
-from dmrx.artifacts.atomic import atomic_file, write_json
-from dmrx.errors import DmrxError
+from dmrx.artifacts.atomic import atomic_file, check_destination, h5_writer, write_json, writing
+from dmrx.errors import DmrxError, OutputError
 from dmrx.scoring.scorer import Scorer, Work, _count_unknown_hist, group_rows
 from dmrx.scoring.shards import shard_range
 
@@ -147,6 +147,7 @@ def score_file(
     out = Path(out) if out is not None else default_output(candidates, shard)
     if out.resolve() == candidates.resolve():
         raise DmrxError(f"{out}: the output would overwrite the input; choose another --out")
+    check_destination(out, "file")
     pdir = _partial_dir(out)
     state = _read_state(pdir) if resume else None
     if state is not None:  # a resumed run keeps what fixes the bytes of every score
@@ -190,10 +191,8 @@ def score_file(
             if done is not None:
                 return {**done, "wall_s": time.perf_counter() - t0, "note": "already complete, nothing to resume"}
 
-        if state is None:
-            shutil.rmtree(pdir, ignore_errors=True)
-            pdir.mkdir(parents=True)
-            (pdir / "scores.f32").touch()
+        fresh = state is None
+        if fresh:
             state = {
                 "version": STATE_VERSION,
                 **ident,
@@ -206,14 +205,19 @@ def score_file(
                 "last_user": None,
                 "histories": 0,
             }
-            _write_state(pdir, state)
         t_ready = time.perf_counter()
         committed = int(state["committed_rows"])
         resumed_from = lo + committed if committed else None
         start = lo + committed
         rows_done = committed
         try:
-            with open(pdir / "scores.f32", "r+b") as f:
+            if fresh:
+                shutil.rmtree(pdir, ignore_errors=True)
+                with writing(out):
+                    pdir.mkdir(parents=True)
+                    (pdir / "scores.f32").touch()
+                _write_state(pdir, state)
+            with writing(out), open(pdir / "scores.f32", "r+b") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < committed * 4:
                     raise DmrxError(
@@ -278,6 +282,15 @@ def score_file(
                 "dmrx_version": __version__,
             }
             _finish(out, pdir / "scores.f32", hi - lo, attrs)
+        except OutputError as e:
+            if not state["committed_rows"]:
+                shutil.rmtree(pdir, ignore_errors=True)
+                raise
+            # the scores committed so far are sound: keep them for --resume
+            raise OutputError(
+                f"{e}; {state['committed_rows']:,} scored rows are kept in {pdir}: rerun with --resume once "
+                "the output can be written"
+            ) from None
         except DmrxError:
             shutil.rmtree(pdir, ignore_errors=True)  # bad input: nothing worth resuming, nothing left behind
             raise
@@ -341,7 +354,7 @@ def _complete_matches(out: Path, ident: dict) -> dict | None:
 def _finish(out: Path, raw: Path, n: int, attrs: dict, block: int = 1 << 20) -> None:
     """OUT with /score from the raw float32 file, written to a temporary file and renamed."""
     with atomic_file(out) as tmp:
-        with h5py.File(tmp, "w") as h5, open(raw, "rb") as f:
+        with h5_writer(tmp) as h5, open(raw, "rb") as f:
             ds = h5.create_dataset("score", shape=(n,), dtype="<f4")
             for s in range(0, n, block):
                 m = min(block, n - s)

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.atomic import atomic_file, h5_writer
 from dmrx.errors import DmrxError
 
 SCORES_FORMAT = "dmrx-scores"
@@ -127,7 +127,7 @@ def merge_shards(paths: list[str | os.PathLike], out: str | os.PathLike | None =
         raise DmrxError(f"{out}: the merged output would overwrite a shard; choose another --out")
     block = 1 << 20
     with atomic_file(out) as tmp:
-        with h5py.File(tmp, "w") as h5:
+        with h5_writer(tmp) as h5:
             ds = h5.create_dataset("score", shape=(total,), dtype="<f4")
             for p, a, n in shards:
                 with h5py.File(p, "r") as src:

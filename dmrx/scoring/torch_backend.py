@@ -289,7 +289,11 @@ class TorchBackend:
         self.max_len = model.cfg.max_len
         self.grouped: GroupedCandidates | None = None
         self.path = "score_grouped (reference, candidate blocks)"
-        if grouped and model.cfg.attention == "additive":
+        # a baseline (dmrx train --arch lr, din, ...) has no user/candidate split: its forward, per row
+        self.per_row = model.cfg.model != "dmr"
+        if self.per_row:
+            self.path = "forward per row (baseline)"
+        elif grouped and model.cfg.attention == "additive":
             fast = GroupedCandidates(model).eval()
             if self._agrees(fast):
                 kernel = False
@@ -368,6 +372,11 @@ class TorchBackend:
     def logits(self, work) -> Tensor:
         hist = {k: self._tensor(v) for k, v in work.hist.items()}
         hist["hist_len"] = self._tensor(work.hist_len)
+        if self.per_row:
+            user_row = self._tensor(work.user_row)
+            batch = {k: v[user_row] for k, v in hist.items()}
+            batch.update({k: self._tensor(v) for k, v in work.cand.items()})
+            return self.model(batch)["logit"]
         user = self.model.encode_user(hist)
         user_row = self._tensor(work.user_row)
         cand = {k: self._tensor(v) for k, v in work.cand.items()}

@@ -29,12 +29,12 @@ except ImportError:  # Python 3.10: JSON configs only
     tomllib = None
 
 from dmrx.artifacts import manifests
-from dmrx.artifacts.atomic import atomic_dir, atomic_file, write_json
+from dmrx.artifacts.atomic import atomic_dir, atomic_file, check_destination, write_json, writing
 from dmrx.choices import DEVICES
 from dmrx.data.features import Encoder, declare, fit
 from dmrx.data.prefetch import prefetch
 from dmrx.data.reader import DataFile
-from dmrx.errors import DmrxError
+from dmrx.errors import DmrxError, OutputError
 from dmrx.evaluation.metrics import auc, relevance_means
 from dmrx.evaluation.predict import predict, to_tensors
 from dmrx.models import bundle
@@ -91,13 +91,13 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
     the option; then the flags that are not None override its train options."""
     raw: dict = {}
     if path is not None:
-        if not path.exists():
-            raise DmrxError(f"{path}: no such config file")
+        if not path.is_file():
+            raise DmrxError(f"{path}: no such config file" + (" (it is a directory)" if path.is_dir() else ""))
         if path.suffix == ".toml" and tomllib is None:
             raise DmrxError(f"{path}: TOML configs need Python 3.11 or newer; use a JSON config")
         try:
             raw = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
+        except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise DmrxError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
         if not isinstance(raw, dict):
             raise DmrxError(f"{path}: expected a table with 'model' and 'train' sections")
@@ -110,9 +110,12 @@ def load_config(path: Path | None, overrides: dict) -> tuple[DMRConfig, TrainCon
         train_cfg = TrainConfig.from_json(raw.get("train", {}))
         train_cfg.validate()
     except DmrxError as e:
-        raise DmrxError(f"{path}: {e}") from None
+        raise DmrxError(f"{path}: {e}" if path is not None else str(e)) from None
     train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if v is not None})
-    train_cfg.validate()
+    try:
+        train_cfg.validate()
+    except DmrxError as e:  # a flag's value (the file's were checked above)
+        raise DmrxError(str(e).replace("train option ", "--").replace("_", "-")) from None
     return model_cfg, train_cfg
 
 
@@ -207,6 +210,37 @@ def _load_checkpoint(run_dir: Path, model, opts) -> tuple[dict, dict]:
     return state, load_file(str(path / "best.safetensors"))
 
 
+# ---- the run's lifecycle -------------------------------------------------------------------------------
+# A run directory appears complete with its step-0 checkpoint (one atomic rename), so a run killed at any
+# moment after it exists can be resumed; a run that fails before it exists leaves nothing.
+
+
+def check_new_run(run_dir: Path) -> None:
+    """A new run can be written at run_dir: absent or empty, with room for a directory."""
+    run_dir = Path(run_dir)
+    check_destination(run_dir, "dir")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if (run_dir / "checkpoints" / "LATEST").exists():
+            hint = "an interrupted run: continue it with --resume"
+        elif (run_dir / "manifest.json").exists():
+            hint = "a finished run: choose another --out"
+        else:
+            hint = "choose another --out"
+        raise DmrxError(f"{run_dir}: run directory exists and is not empty ({hint})")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """run_dir is an interrupted run that --resume can continue."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DmrxError(f"{run_dir}: no such run directory to resume")
+    if (run_dir / "checkpoints" / "LATEST").exists() and (run_dir / "config.json").exists():
+        return
+    if (run_dir / "manifest.json").exists():
+        raise DmrxError(f"{run_dir}: training finished already; nothing to resume")
+    raise DmrxError(f"{run_dir}: not an interrupted run (no config.json and checkpoints/LATEST); nothing to resume")
+
+
 # ---- the loop -----------------------------------------------------------------------------------------
 def _validate(model, encoder, valid: DataFile, device, dist: Dist) -> dict:
     """Validation metrics over the whole file: each rank predicts its share of rows, then all gather."""
@@ -236,53 +270,53 @@ def train(
     same arguments; only rank 0 writes files (and reports progress).
     """
     dist = setup(pick_device(train_cfg.device))
+    run_dir = Path(run_dir)
+    ours = not resume and not (run_dir.is_dir() and any(run_dir.iterdir()))
     try:
         return _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress, dist)
+    except OutputError as e:
+        if (run_dir / "checkpoints" / "LATEST").exists():
+            raise OutputError(
+                f"{e}; the run keeps its last checkpoint: `dmrx train --resume --out {run_dir}` continues it "
+                "once the disk has room"
+            ) from None
+        raise
+    except DmrxError:
+        if ours and dist.main and _checkpointed_step(run_dir) == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before a step was trained: nothing worth keeping
+        raise
     finally:
         dist.close()
+
+
+def _checkpointed_step(run_dir: Path) -> int | None:
+    pointer = run_dir / "checkpoints" / "LATEST"
+    return int(pointer.read_text().strip().split("-")[-1]) if pointer.exists() else None
 
 
 def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progress, dist: Dist) -> dict:
     device = dist.device
     torch.manual_seed(train_cfg.seed)
+    run_dir = Path(run_dir)
+    check_resumable(run_dir) if resume else check_new_run(run_dir)
     data = DataFile(train_path)
     valid = DataFile(valid_path) if valid_path is not None else None
-    if not data.fields.has_label:
-        raise DmrxError(f"{train_path}: examples/label is missing; training needs labels")
-    if valid is not None and not valid.fields.has_label:
-        raise DmrxError(f"{valid_path}: examples/label is missing; validation needs labels")
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    data.require_labels("training")
+    if valid is not None:
+        valid.require_labels("validation")
 
     if resume:
         try:
             saved = migrate(json.loads((run_dir / "config.json").read_text()))
             model_cfg = DMRConfig.from_json(saved["model"])
             train_cfg = replace(TrainConfig.from_json(saved["train"]), device=train_cfg.device)
-        except DmrxError as e:
-            raise DmrxError(f"{run_dir / 'config.json'}: {e}") from None
+        except (DmrxError, ValueError, KeyError, TypeError) as e:
+            raise DmrxError(f"{run_dir / 'config.json'}: not a usable run config ({e})") from None
         spec = bundle.FeatureSpec.from_json(json.loads((run_dir / "schema.json").read_text()))
         vocabs, counts = bundle.load_vocabs(run_dir / "vocab.safetensors")
     else:
         spec = declare(data.fields, model_cfg.match_field, model_cfg.use_user_id)
         vocabs, counts = fit(spec, data, train_cfg.min_count)
-        if dist.main:
-            write_json(
-                run_dir / "config.json",
-                {
-                    "config_version": CONFIG_VERSION,
-                    "model": model_cfg.to_json(),
-                    "train": asdict(train_cfg),
-                    "world_size": dist.world,
-                    # absolute: later commands (export's calibration, index build) may run from elsewhere
-                    "data": {
-                        "train": str(Path(train_path).resolve()),
-                        "valid": str(Path(valid_path).resolve()) if valid_path else None,
-                    },
-                },
-            )
-            write_json(run_dir / "schema.json", spec.to_json())
-            bundle.save_vocabs(run_dir / "vocab.safetensors", vocabs, counts)
     encoder = Encoder(spec, vocabs)
     encoder.check_file(data)
     if valid is not None:
@@ -310,10 +344,29 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
     if resume:
         state, best_state = _load_checkpoint(run_dir, model, opts)
         if dist.main:
-            with open(log_path, "r+b") as f:  # drop log lines written after that checkpoint
+            with open(log_path, "a+b") as f:  # drop log lines written after that checkpoint
                 f.truncate(state["log_bytes"])
-    elif dist.main and log_path.exists():
-        log_path.unlink()
+    elif dist.main:
+        # everything checked: the run appears, resumable from its first instant
+        with atomic_dir(run_dir) as tmp:
+            write_json(
+                tmp / "config.json",
+                {
+                    "config_version": CONFIG_VERSION,
+                    "model": model_cfg.to_json(),
+                    "train": asdict(train_cfg),
+                    "world_size": dist.world,
+                    # absolute: later commands (export's calibration, index build) may run from elsewhere
+                    "data": {
+                        "train": str(Path(train_path).resolve()),
+                        "valid": str(Path(valid_path).resolve()) if valid_path else None,
+                    },
+                },
+            )
+            write_json(tmp / "schema.json", spec.to_json())
+            bundle.save_vocabs(tmp / "vocab.safetensors", vocabs, counts)
+            _save_checkpoint(tmp, model, best_state, opts, state)
+    dist.barrier()
 
     keys = ["seq", "end", "label"] + spec.batch_keys()
     n_batches = data.n_batches(train_cfg.batch_size)
@@ -321,8 +374,9 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
 
     def write_log(record: dict) -> None:
         if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            with writing(log_path):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
     def checkpoint() -> None:
         if dist.main:
@@ -474,7 +528,8 @@ def _train(train_path, valid_path, run_dir, model_cfg, train_cfg, resume, progre
         "aux_loss": bool(use_aux),
     }
     if dist.main:
-        log.close()
+        with writing(log_path):
+            log.close()
         model.load_state_dict(best_state)
         bundle.save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "summary.json", summary)
