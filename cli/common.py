@@ -70,12 +70,7 @@ def user_errors(fn):
         except ImportError as e:
             if e.name not in EXTRAS:
                 raise
-            err_console.print("[bold red]error:[/] ", end="")
-            err_console.print(
-                f"this command needs {e.name}, which is not installed: pip install 'dmrx[{EXTRAS[e.name]}]'",
-                markup=False,
-                highlight=False,
-            )
+            _one_line(f"this command needs {e.name}, which is not installed: pip install 'dmrx[{EXTRAS[e.name]}]'")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
