@@ -8,6 +8,7 @@ something. `pytest -m "not slow"` is the default tier; `-m "not integration and 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,16 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
         TrainConfig(epochs=1, batch_size=64, max_steps=30, log_every=10, device="cpu"),
     )
     return run
+
+
+@pytest.fixture(scope="session")
+def copied_export(tiny_run, tmp_path_factory) -> Path:
+    """An FP32 + INT8 export of tiny_run, moved to a directory far from the run (which it must not need)."""
+    from dmrx.export.pipeline import ExportOptions, export_run
+
+    made = tmp_path_factory.mktemp("made") / "export"
+    calib = tmp_path_factory.mktemp("calib")
+    export_run(tiny_run, ExportOptions(out=made, int8=True, gate=False, timing=False, calib_rows=512, cache_dir=calib))
+    far = tmp_path_factory.mktemp("edge-box") / "bundle"
+    shutil.move(made, far)
+    return far

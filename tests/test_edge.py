@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 from dmrx.artifacts import manifests
 from dmrx.cli.app import app
 from dmrx.data.reader import DataFile, HistoryReader
-from dmrx.export.pipeline import ExportOptions, export_run
 from dmrx.models import bundle
 from dmrx.retrieval.users import UserEncoder
 from dmrx.scoring import Scorer, score_file
@@ -41,22 +40,6 @@ sys.meta_path.insert(0, _NoTorch())
 def run_without(blocked: tuple[str, ...], program: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     code = f"BLOCKED = {blocked!r}\n" + NO_TORCH + textwrap.dedent(program)
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def copied_export(tiny_run, tmp_path_factory) -> Path:
-    """An FP32 + INT8 export of tiny_run, copied to a directory far from the run (the run is not needed)."""
-    made = tmp_path_factory.mktemp("made") / "export"
-    export_run(
-        tiny_run,
-        ExportOptions(
-            out=made, int8=True, gate=False, timing=False, calib_rows=512, cache_dir=tmp_path_factory.mktemp("calib")
-        ),
-    )
-    far = tmp_path_factory.mktemp("edge-box") / "bundle"
-    shutil.copytree(made, far)
-    shutil.rmtree(made)
-    return far
 
 
 def _scores(path: Path) -> np.ndarray:

@@ -3,7 +3,6 @@ Runtime only, in a process where importing dmrx or torch fails. Its CTRs must be
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,6 @@ import numpy as np
 import pytest
 
 from dmrx.data.reader import DataFile
-from dmrx.export.pipeline import ExportOptions, export_run
 from dmrx.scoring import Scorer
 
 # The caller: every step is a sentence of docs/export-contract.md.
@@ -90,27 +88,13 @@ np.save(out, cand.run(["ctr"], feeds)[0])
 """
 
 
-@pytest.fixture(scope="module")
-def export_dir(tiny_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("contract") / "bundle"
-    export_run(
-        tiny_run,
-        ExportOptions(
-            out=out, int8=True, gate=False, timing=False, calib_rows=512, cache_dir=tmp_path_factory.mktemp("calib")
-        ),
-    )
-    far = tmp_path_factory.mktemp("elsewhere") / "bundle"
-    shutil.copytree(out, far)
-    return far
-
-
 # INT8: agreement to a fraction of one quantization step. Run from plain processes the two agree exactly; under
 # pytest they have been seen to differ by 1.1e-3, one INT8 rounding step; the cause is not yet found.
 @pytest.mark.parametrize("precision, flavour, tol", [("fp32", "fp32", 1e-6), ("int8", "int8-cpu", 5e-3)])
 def test_a_program_that_knows_only_the_contract_scores_like_dmrx(
-    export_dir, tiny_data, tmp_path, precision, flavour, tol
+    copied_export, tiny_data, tmp_path, precision, flavour, tol
 ):
-    scorer = Scorer(export_dir, backend="onnxruntime", precision=precision, threads=1)
+    scorer = Scorer(copied_export, backend="onnxruntime", precision=precision, threads=1)
     with DataFile(tiny_data / "candidates.h5") as d:
         keys = sorted(set(scorer.spec.batch_keys()) | {"user"})
         batch = next(d.batches(200, 200, keys=keys, behavior_fields=list(scorer.spec.behaviors)))
@@ -123,7 +107,7 @@ def test_a_program_that_knows_only_the_contract_scores_like_dmrx(
             sys.executable,
             "-c",
             textwrap.dedent(CALLER),
-            str(export_dir),
+            str(copied_export),
             str(tmp_path / "batch.npz"),
             precision,
             str(tmp_path / "ctr.npy"),
