@@ -40,7 +40,7 @@ err_console = _Console(stderr=True)
 def _one_line(message: str) -> None:
     err_console.print("[bold red]error:[/] ", end="")
     err_console.print(message, markup=False, highlight=False, soft_wrap=True)
-    from dmrx.artifacts.atomic import hdf5_broken
+    from dmrx.artifacts.hdf5 import hdf5_broken
 
     if hdf5_broken():  # outputs are cleaned up already; HDF5's exit handler would crash on its broken state
         sys.stdout.flush()

@@ -210,7 +210,8 @@ class _Sink:
         if out is None:
             self.kind, self._fh = ("json" if fmt == "json" else "csv"), sys.stdout
         else:
-            from dmrx.artifacts.atomic import atomic_file, h5_writer
+            from dmrx.artifacts.atomic import atomic_file
+            from dmrx.artifacts.hdf5 import h5_writer
 
             tmp = self._stack.enter_context(atomic_file(out))
             self.kind = (

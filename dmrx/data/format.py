@@ -29,7 +29,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx.artifacts.atomic import atomic_file, close_h5, quiet_failed_h5_deallocs
+from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.hdf5 import close_h5, quiet_failed_h5_deallocs
 from dmrx.errors import DmrxError
 
 FORMAT_NAME = "dmrx-data"

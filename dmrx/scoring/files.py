@@ -25,7 +25,8 @@ import h5py
 import numpy as np
 
 from dmrx import __version__
-from dmrx.artifacts.atomic import atomic_file, check_destination, h5_writer, write_json, writing
+from dmrx.artifacts.atomic import atomic_file, check_destination, write_json, writing
+from dmrx.artifacts.hdf5 import h5_writer
 from dmrx.errors import DmrxError, OutputError
 from dmrx.scoring.scorer import Scorer, Work, _count_unknown_hist, group_rows
 from dmrx.scoring.shards import shard_range

@@ -15,7 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx.artifacts.atomic import atomic_file, h5_writer
+from dmrx.artifacts.atomic import atomic_file
+from dmrx.artifacts.hdf5 import h5_writer
 from dmrx.errors import DmrxError
 
 SCORES_FORMAT = "dmrx-scores"
