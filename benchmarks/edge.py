@@ -54,9 +54,7 @@ def make_scorer(run: Path, backend: str, precision: str, threads: int):
     if precision != "int8-qdq":
         return Scorer(run, backend, precision, device="cpu", threads=threads)
     s = Scorer(run, backend, "fp32", device="cpu", threads=threads)
-    from dmrx.runtime import export_bundle
-
-    s.backend = OrtBackend(s.export_dir, export_bundle.read(s.export_dir), "int8", "cpu", threads, cpu_flavour=False)
+    s.backend = OrtBackend(s.export, "int8", "cpu", threads, cpu_flavour=False)
     return s
 
 

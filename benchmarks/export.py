@@ -52,16 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 1024])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per precision and batch size")
-    ap.add_argument("--run", type=Path, help="the source run (default: the one the manifest names)")
-    ap.add_argument("--data", type=Path, help="rows to time on (default: the export's held-out file)")
+    ap.add_argument("--run", type=Path, help="the source run (default: the directory holding the export)")
+    ap.add_argument("--data", type=Path, help="rows to time on (default: the run's held-out file)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     manifest = json.loads((args.export_dir / "manifest.json").read_text())
-    b = bundle.load(args.run or manifest["source"]["run"])
+    b = bundle.load(args.run or args.export_dir.parent)
     gs = GraphSpec.of(b.model)
-    data = args.data or manifest.get("quality_data", {}).get("path")
-    rows = G.sample_rows(Path(data) if data else None, b.encoder(), b.model, max(args.batch))
+    data = args.data or bundle.run_data(b.path, "valid", "test.h5", config=b.config, missing_ok=True)
+    rows = G.sample_rows(data, b.encoder(), b.model, max(args.batch))
     precisions = [p for p in ("fp32", "fp16", "int8") if (args.export_dir / _name(p)).exists()]
     sessions = {p: session(args.export_dir / _name(p), threads=args.threads) for p in precisions}
     results: dict = {
