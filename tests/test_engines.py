@@ -135,6 +135,8 @@ def test_ray_checks_on_the_driver(ray_local, work, tmp_path):
 def spark():
     pytest.importorskip("pyspark")
     pytest.importorskip("pandas")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("Spark needs a Java runtime (17 or newer for pyspark 4)")
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this interpreter, with dmrx
