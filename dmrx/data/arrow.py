@@ -19,7 +19,8 @@ the .h5 file's order, which is grouped).
 
 `check_schema` validates a schema against a model's feature spec before anything runs (one line naming the
 column); `to_columns` turns a record batch or table into the numpy batch `dmrx.scoring.Scorer` reads, with
-the histories as right-aligned [B, T] arrays built without a Python loop per row; `write_parquet` converts a
+the histories as right-aligned [B, T] arrays built without a Python loop per row and each run of rows with
+one history marked as sharing its encoding; `write_parquet` converts a
 dmrx candidate file into this layout. pyarrow is an optional dependency (the `ray` and `spark` extras).
 """
 
@@ -112,48 +113,66 @@ def _no_nulls(arr, name: str, where: str) -> None:
         raise DmrxError(f"{where}: column {name} row {row}: null")
 
 
-def histories(arr, name: str, max_len: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> column -> ([B, max_len] int64 right-aligned, most recent last, zeros left; [B] lengths
-    before truncation to max_len), vectorised over the list offsets."""
+def _placement(lens: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the kept elements of lists of these lengths go when right-aligned in a [B, T] array: (positions in
+    the flattened [B, T] array, positions in the flattened list values). Each row keeps its last T elements."""
+    take = np.minimum(lens, T)
+    first = np.cumsum(take) - take  # where each row's kept elements start among all kept elements
+    n = np.arange(int(take.sum()))
+    dest = n + np.repeat(np.arange(len(lens)) * T + T - take - first, take)
+    src = n + np.repeat(np.cumsum(lens) - take - first, take)
+    return dest, src
+
+
+def _lists(arr, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int> column -> (its lengths [B], its flattened values as int64)."""
     _, pc, _ = pyarrow_modules()
     _no_nulls(arr, name, where)
-    lens = np.asarray(pc.list_value_length(arr), np.int64)
     flat = pc.list_flatten(arr)
     _no_nulls(flat, f"{name} (an element)", where)
-    values = np.asarray(flat).astype(np.int64, copy=False)
-    B, T = len(lens), max_len
-    out = np.zeros((B, T), np.int64)
-    take = np.minimum(lens, T)
-    if take.sum():
-        row = np.repeat(np.arange(B), take)
-        within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-        ends = np.cumsum(lens)  # one past each row's last element in `values`
-        out[row, T - take[row] + within] = values[ends[row] - take[row] + within]
-    return out, lens
+    return np.asarray(pc.list_value_length(arr), np.int64), np.asarray(flat).astype(np.int64, copy=False)
 
 
 def to_columns(batch, columns: dict[str, str], max_len: int, where: str = "batch") -> dict[str, np.ndarray]:
     """A pyarrow RecordBatch or Table -> the numpy batch Scorer.score_batch reads: example columns [B],
-    "hist/<f>" [B, max_len] and "hist_len" [B]. `columns` comes from check_schema."""
+    "hist/<f>" [B, max_len], "hist_len" [B], and "seq"/"end" marking runs of rows with one history (see
+    history_runs). `columns` comes from check_schema."""
     cols: dict[str, np.ndarray] = {}
-    lengths, first = None, None
+    lengths, first, placement = None, None, None
     for key, name in columns.items():
         arr = batch.column(name)
-        if key.startswith("hist/"):
-            cols[key], lens = histories(arr, name, max_len, where)
-            if lengths is None:
-                lengths, first = lens, name
-            elif not np.array_equal(lens, lengths):
-                row = int(np.argmax(lens != lengths))
-                raise DmrxError(
-                    f"{where}: column {name} row {row}: history length {lens[row]} differs from {first}'s "
-                    f"{lengths[row]}"
-                )
-        else:
+        if not key.startswith("hist/"):
             _no_nulls(arr, name, where)
             cols[key] = np.asarray(arr)
+            continue
+        lens, values = _lists(arr, name, where)
+        if lengths is None:  # every behaviour field has the same lengths, so one placement serves them all
+            lengths, first, placement = lens, name, _placement(lens, max_len)
+        elif not np.array_equal(lens, lengths):
+            row = int(np.argmax(lens != lengths))
+            raise DmrxError(
+                f"{where}: column {name} row {row}: history length {lens[row]} differs from {first}'s {lengths[row]}"
+            )
+        out = np.zeros((len(lens), max_len), np.int64)
+        out.reshape(-1)[placement[0]] = values[placement[1]]
+        cols[key] = out
     cols["hist_len"] = np.minimum(lengths, max_len) if lengths is not None else np.zeros(batch.num_rows, np.int64)
+    cols["seq"], cols["end"] = history_runs([cols[k] for k in columns if k.startswith("hist/")], cols["hist_len"])
     return cols
+
+
+def history_runs(hist: list[np.ndarray], hist_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(seq, end) columns for Scorer.prepare that give each run of consecutive rows with identical histories
+    one id (end is 0). A user's candidates arrive together, so their rows form one run: comparing each row
+    with the one before is a linear pass, where grouping identical rows anywhere in the batch sorts
+    [B, fields x T] arrays."""
+    B = len(hist_len)
+    new = np.ones(B, bool)
+    if B > 1:
+        new[1:] = hist_len[1:] != hist_len[:-1]
+        for h in hist:
+            new[1:] |= (h[1:] != h[:-1]).any(axis=1)
+    return np.cumsum(new) - 1, np.zeros(B, np.int64)
 
 
 def _list_column(hist: np.ndarray, length: np.ndarray):

@@ -14,10 +14,10 @@ stay Arrow lists (turned into arrays without a Python loop per row). What travel
 small reference (path, backend, weights hash); each Python worker process loads the model once and keeps
 it for every later task (Spark reuses Python workers: spark.python.worker.reuse, on by default).
 
-A user's candidates share one history encoding when they sit in one Arrow batch: keep the data grouped by
-user (a Parquet file written sorted by user is; otherwise `repartition("user").sortWithinPartitions("user")`
-first). Batches hold at most `spark.sql.execution.arrow.maxRecordsPerBatch` rows (default 10,000), cut
-here to `batch_size`.
+A user's candidates share one history encoding when they sit next to each other in one Arrow batch: keep the
+data grouped by user (a Parquet file written sorted by user is; otherwise
+`repartition("user").sortWithinPartitions("user")` first). Batches hold at most
+`spark.sql.execution.arrow.maxRecordsPerBatch` rows (default 10,000), cut here to `batch_size`.
 """
 
 from __future__ import annotations
