@@ -148,3 +148,12 @@ def test_check_schema_accepts_slash_names(tiny_run):
     assert columns["target/item"] == "target/item" and columns["hist/item"] == "hist/item"
     with pytest.raises(DmrxError, match="t: lacks column"):
         check_schema(pa.schema(fields[1:]), spec, "t")
+
+
+def test_history_runs_mark_consecutive_equal_histories():
+    from dmrx.data.arrow import history_runs
+
+    a, b = [0, 0, 5, 6], [0, 0, 0, 7]
+    hist = np.array([a, a, b, a, a])
+    seq, end = history_runs([hist, hist * 2], np.array([2, 2, 1, 2, 3]))  # the last row: same ids, other length
+    assert seq.tolist() == [0, 0, 1, 2, 3] and not end.any()
