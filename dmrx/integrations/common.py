@@ -108,7 +108,13 @@ def check_candidates(schema, spec, where: str, keep: list[str] | None) -> dict[s
 def score_arrow(scorer: Scorer, batch, columns: dict[str, str], keep: list[str] | None, where: str):
     """One Arrow batch of candidates -> the same rows (the `keep` columns) with a float32 `score` column."""
     pa, _, _ = pyarrow_modules()
-    scores = scorer.score_batch(to_columns(batch, columns, scorer.max_len, where)) if batch.num_rows else []
+    scores = []
+    if batch.num_rows:
+        cols = to_columns(batch, columns, scorer.max_len, where)
+        try:
+            scores = scorer.score_batch(cols)
+        except DmrxError as e:  # Scorer names the column and the row within the batch
+            raise DmrxError(f"{where}: {e}") from None
     return _with_columns(batch, keep, {SCORE: pa.array(np.asarray(scores, np.float32), pa.float32())})
 
 
