@@ -227,6 +227,26 @@ def csv_(
         )
 
 
+@app.command()
+@user_errors
+def parquet(
+    file: Annotated[Path, typer.Argument(metavar="CANDIDATES.h5", help="A dmrx data file (.h5).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT.parquet", help="The Parquet file to write.")],
+    max_len: MaxLen = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+):
+    """Write a dmrx data file as Parquet, one row per candidate with its history as list columns: the
+    layout `dmrx score`, Ray and Spark read (docs/scoring.md)."""
+    from dmrx.data.arrow import write_parquet
+
+    with status(f"converting {file}", enabled=not json_out):
+        summary = write_parquet(file, out, max_len=max_len)
+    if json_out:
+        print_json(summary)
+    else:
+        console.print(f"wrote {out}: {summary['rows']:,} rows, histories up to {summary['max_len']} behaviours")
+
+
 def _report(out: Path, summary: dict, json_out: bool) -> None:
     if json_out:
         print_json({"out": str(out), **summary})

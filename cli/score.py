@@ -51,7 +51,9 @@ def _summary_table(s: dict) -> Table:
 def score(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="CANDIDATES.h5 to score; with --merge, the shard outputs to join.", show_default=False),
+        typer.Argument(
+            help="CANDIDATES.h5 (or .parquet) to score; with --merge, the shard outputs to join.", show_default=False
+        ),
     ],
     model: Annotated[
         str | None,
@@ -83,7 +85,9 @@ def score(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ):
     """Score a candidate file with a trained model: CTR per row into /score of an HDF5 file."""
+    from dmrx.data.arrow import is_parquet
     from dmrx.scoring import merge_shards, parse_shard, score_file
+    from dmrx.scoring.parquet import score_parquet
 
     if merge:
         if shard or resume:
@@ -92,24 +96,47 @@ def score(
     else:
         if len(inputs) != 1:
             raise DmrxError(f"give one candidate file (got {len(inputs)}); use --merge to join shard outputs")
+        parquet = is_parquet(inputs[0])
+        if parquet and (shard or resume):
+            raise DmrxError(
+                f"{inputs[0]}: --shard and --resume work on .h5 candidate files; a Parquet file is scored whole "
+                "(split it into several files, or use dmrx.integrations.ray / .spark)"
+            )
         try:
             with progress(enabled=not json_out) as start:
-                summary = score_file(
-                    inputs[0],
-                    model,
-                    out,
-                    backend=backend.value,
-                    precision=precision.value,
-                    batch_size=batch_size,
-                    threads=threads,
-                    resume=resume,
-                    shard=parse_shard(shard),
-                    chunk_rows=chunk_rows,
-                    device=None if device is Device.auto else device.value,
-                    progress=_rows_bar(start),
-                )
+                if parquet:
+                    summary = score_parquet(
+                        inputs[0],
+                        model,
+                        out,
+                        backend=backend.value,
+                        precision=precision.value,
+                        batch_size=batch_size,
+                        threads=threads,
+                        device=None if device is Device.auto else device.value,
+                        progress=_rows_bar(start),
+                    )
+                else:
+                    summary = score_file(
+                        inputs[0],
+                        model,
+                        out,
+                        backend=backend.value,
+                        precision=precision.value,
+                        batch_size=batch_size,
+                        threads=threads,
+                        resume=resume,
+                        shard=parse_shard(shard),
+                        chunk_rows=chunk_rows,
+                        device=None if device is Device.auto else device.value,
+                        progress=_rows_bar(start),
+                    )
         except KeyboardInterrupt:
-            err_console.print("interrupted: committed chunks are kept; rerun with --resume to continue")
+            err_console.print(
+                "interrupted: nothing written (a Parquet input is scored whole)"
+                if parquet
+                else "interrupted: committed chunks are kept; rerun with --resume to continue"
+            )
             raise
     if json_out:
         print_json(summary)

@@ -3,6 +3,7 @@
     cli                                   the Typer app
     export                                ONNX graphs, FP16/INT8, TensorRT engines, gates
     calibration                           INT8 calibration data and ranges
+    integrations                          scoring and retrieval on Ray and Spark
     training | scoring | retrieval        the jobs (independent of each other)
     evaluation                            metrics, the inference loop over a file, the report
     models                                DMR, the baselines, the run bundle
@@ -32,6 +33,7 @@ LAYERS = [
     {"dmrx.models"},
     {"dmrx.evaluation"},
     {"dmrx.training", "dmrx.scoring", "dmrx.retrieval"},
+    {"dmrx.integrations"},
     {"dmrx.calibration"},
     {"dmrx.export"},
     {"dmrx.cli"},
