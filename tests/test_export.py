@@ -251,7 +251,7 @@ def test_lint_catches_what_tensorrt_rejects():
     problems = " | ".join(lint(model).problems)
     assert "zero point is not 0" in problems
     assert "DynamicQuantizeLinear" in problems
-    assert "depends on the data" in problems
+    assert "nonzero" not in problems  # parsed by TensorRT; a data-dependent output is refused when it runs
     old = helper.make_model(
         helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "old", [x], [y]),
         opset_imports=[helper.make_opsetid("", 8)],
