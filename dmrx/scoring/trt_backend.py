@@ -1,6 +1,14 @@
-"""The TensorRT scoring backend: the export's engines (engines/<graph>.<precision>.plan) on the GPU."""
+"""The TensorRT scoring backend: the export's engines (engines/<graph>.<precision>.plan) on the GPU.
+
+An engine takes at most its optimisation profile's maximum rows per call (8192 users or candidates for the
+engines `dmrx export --engine tensorrt` builds), and `--batch-size` may ask for more: a bigger batch is
+scored in pieces of at most that many candidates, each with only the histories it uses, and the pieces'
+scores are put back together in order.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -31,12 +39,23 @@ class TensorRTBackend:
         self.cand = Engine(engines["candidate_scorer"])
         self.engines = engines
         self.names = dict(manifest.get("input_names", {}))
+        # users per user_encoder call, users and candidates per candidate_scorer call: one piece respects all
+        limits = [e.max_rows(n) for e in (self.user, self.cand) for n in e.inputs]
+        self.max_rows = min((m for m in limits if m is not None), default=None)
 
     def score(self, work) -> np.ndarray:
-        import torch
-
         if work.n_candidates == 0:
             return np.zeros(0, np.float32)
+        step = self.max_rows
+        if step is None or max(work.n_candidates, work.n_users) <= step:
+            return self._score(work)
+        # a piece of at most `step` candidates uses at most `step` histories
+        pieces = work.split(math.ceil(work.n_candidates / step))
+        return np.concatenate([self._score(w) for w in pieces])
+
+    def _score(self, work) -> np.ndarray:
+        import torch
+
         key_of = {v: k for k, v in self.names.items()}
         src = dict(work.hist)
         src["hist_len"] = work.hist_len
@@ -50,15 +69,19 @@ class TensorRTBackend:
                 feeds[n] = torch.from_numpy(work.user_row)
             else:
                 feeds[n] = torch.from_numpy(np.ascontiguousarray(work.cand[key_of.get(n, batch_key(n))]))
-        return self.cand(feeds)["ctr"].float().cpu().numpy().reshape(-1)
+        out = self.cand(feeds)["ctr"].float().cpu().numpy().reshape(-1)
+        if len(out) != work.n_candidates:
+            raise DmrxError(f"{self.engines['candidate_scorer']}: {len(out)} scores for {work.n_candidates} candidates")
+        return out
 
     def describe(self) -> dict:
-        import torch
+        from dmrx.runtime.tensorrt import gpu
 
         return {
             "backend": "tensorrt",
             "precision": self.precision,
             "device": "cuda",
-            "gpu": torch.cuda.get_device_name(0),
+            "gpu": gpu()[0],
             "path": ", ".join(p.name for p in self.engines.values()),
+            "max_rows": self.max_rows,
         }
