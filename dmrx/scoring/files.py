@@ -263,25 +263,7 @@ def score_file(
                             on_commit(state["committed_rows"])
             if state["committed_rows"] != hi - lo:
                 raise DmrxError(f"{candidates}: scored {state['committed_rows']} of {hi - lo} rows")
-            attrs = {
-                "dmrx_format": SCORES_FORMAT,
-                "version": SCORES_VERSION,
-                "model_hash": scorer.model_hash,
-                "model": str(scorer.bundle.path),
-                "backend": desc["backend"],
-                "precision": desc["precision"],
-                "device": str(desc.get("device", desc.get("providers", ""))),
-                "input": str(candidates.resolve()),
-                "input_rows": n_total,
-                "input_bytes": ident["input"]["bytes"],
-                "input_mtime_ns": ident["input"]["mtime_ns"],
-                "row_start": lo,
-                "row_stop": hi,
-                "shard_index": shard[0] if shard else 0,
-                "shard_count": shard[1] if shard else 1,
-                "batch_size": batch_size,
-                "dmrx_version": __version__,
-            }
+            attrs = output_attrs(scorer, desc, candidates, ident["input"], (lo, hi), shard, batch_size)
             _finish(out, pdir / "scores.f32", hi - lo, attrs)
         except OutputError as e:
             if not state["committed_rows"]:
@@ -318,6 +300,38 @@ def score_file(
         "load_s": t_ready - t0,
         "score_s": t_end - t_ready,
         "rows_per_s": scored / (t_end - t_ready) if t_end > t_ready else 0.0,
+    }
+
+
+def output_attrs(
+    scorer,
+    desc: dict,
+    candidates: Path,
+    source: dict,
+    rows: tuple[int, int],
+    shard: tuple[int, int] | None,
+    batch_size: int,
+) -> dict:
+    """The root attributes of a scores file: what made it and from which input (`merge_shards` and resume
+    read them back). source: the input's identity (_fingerprint)."""
+    return {
+        "dmrx_format": SCORES_FORMAT,
+        "version": SCORES_VERSION,
+        "model_hash": scorer.model_hash,
+        "model": str(scorer.bundle.path),
+        "backend": desc["backend"],
+        "precision": desc["precision"],
+        "device": str(desc.get("device", desc.get("providers", ""))),
+        "input": str(candidates.resolve()),
+        "input_rows": source["rows"],
+        "input_bytes": source["bytes"],
+        "input_mtime_ns": source["mtime_ns"],
+        "row_start": rows[0],
+        "row_stop": rows[1],
+        "shard_index": shard[0] if shard else 0,
+        "shard_count": shard[1] if shard else 1,
+        "batch_size": batch_size,
+        "dmrx_version": __version__,
     }
 
 

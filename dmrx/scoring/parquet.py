@@ -18,11 +18,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmrx import __version__
 from dmrx.artifacts.atomic import atomic_file
 from dmrx.data.arrow import check_schema, pyarrow_modules, to_columns
 from dmrx.errors import DmrxError
-from dmrx.scoring.files import DEFAULT_BATCH, SCORES_FORMAT, SCORES_VERSION, _field_name
+from dmrx.scoring.files import DEFAULT_BATCH, _field_name, _fingerprint, output_attrs
 from dmrx.scoring.scorer import Scorer
 
 
@@ -71,7 +70,7 @@ def score_parquet(
         scorer = Scorer(model, backend, precision, device, threads)
     columns = check_schema(pf.schema_arrow, scorer.spec, str(candidates)) if n else {}
     desc = scorer.describe()
-    st = candidates.stat()
+    source = _fingerprint(candidates, n)  # before reading: the input the scores belong to
     t_ready = time.perf_counter()
 
     def works() -> Iterator[list]:
@@ -119,25 +118,7 @@ def score_parquet(
                                 progress(done, n)
             if done != n:
                 raise DmrxError(f"{candidates}: read {done} of the {n} rows its metadata declares")
-            attrs = {
-                "dmrx_format": SCORES_FORMAT,
-                "version": SCORES_VERSION,
-                "model_hash": scorer.model_hash,
-                "model": str(scorer.bundle.path),
-                "backend": desc["backend"],
-                "precision": desc["precision"],
-                "device": str(desc.get("device", desc.get("providers", ""))),
-                "input": str(candidates.resolve()),
-                "input_rows": n,
-                "input_bytes": st.st_size,
-                "input_mtime_ns": st.st_mtime_ns,
-                "row_start": 0,
-                "row_stop": n,
-                "shard_index": 0,
-                "shard_count": 1,
-                "batch_size": batch_size,
-                "dmrx_version": __version__,
-            }
+            attrs = output_attrs(scorer, desc, candidates, source, (0, n), None, batch_size)
             for k, v in attrs.items():
                 h5.attrs[k] = v
     t_end = time.perf_counter()
