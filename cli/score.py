@@ -104,32 +104,19 @@ def score(
             )
         try:
             with progress(enabled=not json_out) as start:
+                shared = dict(
+                    backend=backend.value,
+                    precision=precision.value,
+                    batch_size=batch_size,
+                    threads=threads,
+                    device=None if device is Device.auto else device.value,
+                    progress=_rows_bar(start),
+                )
                 if parquet:
-                    summary = score_parquet(
-                        inputs[0],
-                        model,
-                        out,
-                        backend=backend.value,
-                        precision=precision.value,
-                        batch_size=batch_size,
-                        threads=threads,
-                        device=None if device is Device.auto else device.value,
-                        progress=_rows_bar(start),
-                    )
+                    summary = score_parquet(inputs[0], model, out, **shared)
                 else:
                     summary = score_file(
-                        inputs[0],
-                        model,
-                        out,
-                        backend=backend.value,
-                        precision=precision.value,
-                        batch_size=batch_size,
-                        threads=threads,
-                        resume=resume,
-                        shard=parse_shard(shard),
-                        chunk_rows=chunk_rows,
-                        device=None if device is Device.auto else device.value,
-                        progress=_rows_bar(start),
+                        inputs[0], model, out, resume=resume, shard=parse_shard(shard), chunk_rows=chunk_rows, **shared
                     )
         except KeyboardInterrupt:
             err_console.print(
