@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dmrx.artifacts.atomic import atomic_file
-from dmrx.data.features import FeatureSpec
+from dmrx.data.features import FeatureSpec, batch_key, flat_name
 from dmrx.data.reader import DataFile
 from dmrx.errors import DmrxError
 
@@ -50,11 +50,6 @@ def pyarrow_modules():
             "Parquet and Arrow candidates need pyarrow: pip install pyarrow (or dmrx[ray] / dmrx[spark])"
         ) from None
     return pa, pc, pq
-
-
-def column_name(key: str) -> str:
-    """The column of a batch key in this layout: target/item -> target__item."""
-    return key.replace("/", "__")
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
@@ -87,10 +82,10 @@ def check_schema(schema, spec: FeatureSpec, where: str) -> dict[str, str]:
     names = list(schema.names)
     by_key = {}
     for name in names:
-        by_key.setdefault(name.replace("__", "/"), name)
+        by_key.setdefault(batch_key(name), name)
     expect = {k: ("float", "int") if k.startswith("dense/") else ("int",) for k in spec.batch_keys()}
     expect.update({f"hist/{f}": ("list<int>",) for f in spec.behaviors})
-    missing = [column_name(k) for k in expect if k not in by_key]
+    missing = [flat_name(k) for k in expect if k not in by_key]
     if missing:
         raise DmrxError(
             f"{where}: lacks column(s) {', '.join(missing)}, which the model reads "
@@ -206,7 +201,7 @@ def write_parquet(
         # bounded memory: a batch's [rows, cap] histories stay near 32 MB per field
         rows = max(1, min(row_group_rows, (1 << 22) // cap))
         types = {k: pa.float32() if k.startswith("dense/") else pa.int8() if k == "label" else pa.int64() for k in keys}
-        fields_pa = [pa.field("row", pa.int64())] + [pa.field(column_name(k), types[k]) for k in keys]
+        fields_pa = [pa.field("row", pa.int64())] + [pa.field(flat_name(k), types[k]) for k in keys]
         fields_pa += [pa.field(f"hist__{f}", pa.list_(pa.int64())) for f in fields.behaviors]
         schema = pa.schema(fields_pa)
         n = 0

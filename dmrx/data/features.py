@@ -16,6 +16,17 @@ from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
 
 
+def flat_name(key: str) -> str:
+    """A batch key with "/" written "__" (hist/item -> hist__item): the name it takes where "/" is not a
+    valid or comfortable character (ONNX graph inputs, TensorRT bindings, Parquet and Spark columns)."""
+    return key.replace("/", "__")
+
+
+def batch_key(name: str) -> str:
+    """The batch key of a flat name (inverse of flat_name)."""
+    return name.replace("__", "/")
+
+
 @dataclass
 class FeatureSpec:
     behaviors: list[str]  # history fields, in the order their embeddings are concatenated into e_t

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dmrx.data.features import flat_name
 from dmrx.errors import DmrxError
 
 # Inputs are named after the batch keys with "/" written "__" ("hist/item" -> "hist__item"): "/" is not a
@@ -22,14 +23,7 @@ from dmrx.errors import DmrxError
 USER_PREFIX = "user__"  # candidate_scorer's inputs holding user-side tensors: user__hist_emb, ...
 
 
-def onnx_name(key: str) -> str:
-    """The graph input name of a batch key."""
-    return key.replace("/", "__")
-
-
-def batch_key(name: str) -> str:
-    """The batch key of a graph input name (inverse of onnx_name)."""
-    return name.replace("__", "/")
+onnx_name = flat_name  # the graph input name of a batch key
 
 
 NUMPY_DTYPES = {

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from dmrx.data.features import batch_key
 from dmrx.errors import DmrxError
-from dmrx.runtime.ort import CPU_INT8, NUMPY_DTYPES, USER_PREFIX, batch_key, session
+from dmrx.runtime.ort import CPU_INT8, NUMPY_DTYPES, USER_PREFIX, session
 from dmrx.scoring.cores import available_cores
 
 CPU_BLOCK = 256  # candidates per candidate_scorer call on CPU

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dmrx.choices import BACKENDS, PRECISIONS
+from dmrx.data.features import batch_key
 from dmrx.errors import DmrxError
-from dmrx.runtime.ort import batch_key
 
 
 @dataclass

@@ -12,8 +12,9 @@ import math
 
 import numpy as np
 
+from dmrx.data.features import batch_key
 from dmrx.errors import DmrxError
-from dmrx.runtime.ort import USER_PREFIX, batch_key
+from dmrx.runtime.ort import USER_PREFIX
 
 
 class TensorRTBackend:
