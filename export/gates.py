@@ -22,7 +22,7 @@ from dmrx.data.reader import DataFile
 from dmrx.evaluation.metrics import auc, logloss
 from dmrx.evaluation.predict import to_tensors
 from dmrx.models.dmr import DMR
-from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
+from dmrx.runtime.graphs import GraphSpec, candidate_feeds, slot_layout, to_feeds
 from dmrx.runtime.ort import session
 
 PARITY_TOL = 1e-5
@@ -154,6 +154,11 @@ def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np
                 zip(gs.score_outputs, cand.run(None, candidate_feeds(user_out, user_row, b, gs)), strict=False)
             )
             d_split = max(d_split, float(np.abs(got_g["ctr"] - ref_g["ctr"]).max()))
+            # and the same candidates laid out in slots of g per user, as the scoring backend feeds them
+            slots = slot_layout(user_row)
+            laid = {k: slots.spread(np.asarray(b[k])) for k in gs.cand_keys}
+            got_s = cand.run(["ctr"], candidate_feeds(user_out, slots.user_row, laid, gs))[0]
+            d_split = max(d_split, float(np.abs(slots.collect(got_s) - ref_g["ctr"]).max()))
             if "u" in user_out:
                 with torch.inference_mode():
                     ref_u = model.encode_user(to_tensors(users))["u"].numpy()

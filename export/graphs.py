@@ -2,7 +2,8 @@
 
 - ranking:          aligned rows (history + candidate features) -> ctr, logit, r, r_hat
 - user_encoder:     history -> the user-side tensors (hist_emb, mask, u, i2i_keys)
-- candidate_scorer: user-side tensors of U users + user_row [C] + candidate features [C] -> ctr [C], ...
+- candidate_scorer: user-side tensors of U users + user_row [S] + candidate features [C] -> ctr [C], ...
+                    (S slots of C / S candidates: dmrx.runtime.graphs)
 
 Their inputs and outputs (names, order, dtypes) are the contract in dmrx.runtime.graphs. The history
 length T is fixed at the model's max_len (the reader always assembles T = max_len slots); only the batch
@@ -95,9 +96,12 @@ def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> o
     inputs, outputs = gs.inputs(graph), gs.outputs(graph)
     dyn: dict[str, dict[int, str]] = {}
     for name in inputs:
-        dyn[name] = {
-            0: "users" if name.startswith(USER_PREFIX) else ("candidates" if graph == "candidate_scorer" else "batch")
-        }
+        if graph != "candidate_scorer":
+            dyn[name] = {0: "batch"}
+        else:  # user_row has one entry per slot of candidates: its length divides the candidates'
+            dyn[name] = {
+                0: "users" if name.startswith(USER_PREFIX) else "slots" if name == "user_row" else "candidates"
+            }
     for name in outputs:
         dyn[name] = {0: "candidates" if graph == "candidate_scorer" else "batch"}
     buf = io.BytesIO()

@@ -61,10 +61,20 @@ def _mixed_input(n: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> bool
     return any(producer.get(x) is None or producer[x].op_type != "Gather" for x in src.input)
 
 
+def _one_column(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    """Whether a weight matmul produces a single column (a matrix-vector product)."""
+    dims = list(inits[n.input[1]].dims)
+    trans_b = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+    return len(dims) == 2 and dims[0 if trans_b else 1] == 1
+
+
 def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     """(nodes to quantize, nodes to exclude) for a dmrx FP32 graph: every embedding Gather and every
-    weight MatMul/Gemm except the final logit and the weight-only ones (weight_only_nodes)."""
-    inits = {t.name for t in model.graph.initializer}
+    weight MatMul/Gemm except the final logit, the weight-only ones (weight_only_nodes) and those with
+    one output column. The attention's scorer z is one: a multiply-add per element of its [.., T, h]
+    input, which quantizing would cost a whole extra pass over (measured: INT8 rows/s up ~10% on a
+    2-core Xeon with it kept FP32)."""
+    inits = {t.name: t for t in model.graph.initializer}
     exclude = [n for n in [final_logit_node(model)] if n]
     producer = {o: n for n in model.graph.node for o in n.output}
     quant = []
@@ -72,7 +82,9 @@ def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
         if n.name in exclude:
             continue
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits:
-            if not _mixed_input(n, producer):
+            if _one_column(n, inits):
+                exclude.append(n.name)
+            elif not _mixed_input(n, producer):
                 quant.append(n.name)
         elif n.op_type == "Gather" and n.input[0] in inits:
             quant.append(n.name)
@@ -107,9 +119,15 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
     one, feed the attention projections (quantized) and the attention-weighted sums (FP32). ONNX
     Runtime fuses DQ -> MatMul <- DQ into an integer kernel only when the Q output reaches nothing else,
     so with the pair shared the projections ran in float behind an extra Q/DQ (INT8 at ~0.7x FP32 on
-    CPU). The FP32 readers also stop seeing a rounded copy. Returns the number of rewired readers."""
+    CPU). The FP32 readers also stop seeing a rounded copy. Returns the number of rewired readers.
+
+    A graph output the quantizer put behind a Q -> DQ (the user encoder's hist_emb, read by the
+    projections) is first given back its float value: the DQ gets a name of its own and the output is
+    the unrounded tensor, so the projections can take integer kernels (the INT8 user
+    encoder ran slower than the FP32 one without this) and callers read what the FP32 graph returns."""
     from onnx import helper
 
+    _unround_outputs(model)
     init_of = {t.name: t for t in model.graph.initializer}
     inits = set(init_of)
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -188,6 +206,30 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
         for t in dead:
             model.graph.initializer.remove(t)
     return rewired
+
+
+def _unround_outputs(model: onnx.ModelProto) -> None:
+    """Graph outputs produced by Q -> DQ of a computed tensor become that tensor itself (see
+    dedicate_activation_qdq); the DQ keeps serving the tensor's other readers under a new name."""
+    outputs = {v.name for v in model.graph.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    for dq in list(model.graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.output[0] not in outputs:
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in producer or q.input[0] in inits:
+            continue
+        name, rounded, unrounded = dq.output[0], dq.output[0] + "__dq", q.input[0]
+        dq.output[0] = rounded
+        src = producer[unrounded]
+        src.output[list(src.output).index(unrounded)] = name
+        for n in model.graph.node:
+            for j, x in enumerate(n.input):
+                if x == name and n is not q:
+                    n.input[j] = rounded
+                elif x == unrounded:
+                    n.input[j] = name
 
 
 def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:

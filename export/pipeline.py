@@ -3,7 +3,7 @@
 OUT/                              (default RUN/export; built in a temp dir beside it, renamed at the end)
   ranking.onnx                    aligned rows -> ctr, logit, r, r_hat
   user_encoder.onnx               history -> hist_emb, mask, u, i2i_keys
-  candidate_scorer.onnx           user-side tensors [U] + user_row [C] + candidates [C] -> ctr [C], ...
+  candidate_scorer.onnx           user-side tensors [U] + user_row [S slots] + candidates [C] -> ctr [C], ...
   *.fp16.onnx, *.int8.onnx        with --fp16 / --int8 (INT8: symmetric Q/DQ, the form TensorRT builds from)
   *.int8-cpu.onnx                 with --int8: the CPU flavour (7-bit weights, laid out for ONNX Runtime's
                                   CPU kernels; export.int8.cpu_flavour), what CPU scoring loads for int8

@@ -120,11 +120,14 @@ def test_report_json_and_table():
     assert report_table(rep).row_count == 2
 
 
-def test_select_nodes_keeps_the_final_logit_out(graphs):
+def test_select_nodes_keeps_the_final_logit_and_the_scorer_vectors_out(graphs):
     _, _, paths = graphs
     m = onnx.load(str(paths["ranking"]))
     quant, exclude = int8.select_nodes(m)
-    assert exclude == [int8.final_logit_node(m)] and exclude[0] not in quant
+    assert exclude[0] == int8.final_logit_node(m) and not set(exclude) & set(quant)
+    # the attention scorers' z (one output column) stay FP32: one per attention network, U2I and I2I
+    scorers = [n for n in exclude[1:] if n.split("/")[-2].split("_")[0] == "z"]
+    assert scorers == exclude[1:] and len(scorers) == 2
     ops = {n.name: n.op_type for n in m.graph.node}
     assert {ops[q] for q in quant} <= {"MatMul", "Gemm", "Gather"}
     assert any(ops[q] == "Gather" for q in quant)

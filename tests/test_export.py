@@ -29,7 +29,7 @@ from dmrx.export import gates as G
 from dmrx.export.lint import lint
 from dmrx.export.pipeline import ExportOptions, GateFailure, export_run
 from dmrx.models import bundle
-from dmrx.runtime.graphs import GraphSpec, candidate_feeds, to_feeds
+from dmrx.runtime.graphs import GraphSpec, candidate_feeds, slot_layout, to_feeds
 
 runner = CliRunner()
 
@@ -93,6 +93,30 @@ def test_split_graphs_match_torch_score_grouped(exported, tiny_run, tiny_data):
         ref_u = b.model.encode_user({k: torch.from_numpy(v) for k, v in users.items()})
     for k in gs.user_outputs:
         assert np.abs(user[k] - ref_u[k].float().numpy()).max() <= 1e-5, k
+
+
+@pytest.mark.parametrize("max_g", [1, 4, 32])
+def test_candidates_in_slots_score_as_one_per_user_row(exported, tiny_run, tiny_data, max_g):
+    """The candidate_scorer on candidates laid out in slots of g (uneven users: 1 to 17 candidates, so the
+    last slot of some is padding) gives each candidate the CTR, r and r_hat of torch's one-per-row path."""
+    b = bundle.load(tiny_run)
+    gs = GraphSpec.of(b.model)
+    counts = [17, 1, 5, 9, 2, 4]
+    batch = _edge_batch(tiny_data, b, sum(counts))
+    users = {k: batch[k][: len(counts)] for k in gs.hist_keys}
+    user_row = np.random.default_rng(1).permutation(np.repeat(np.arange(len(counts)), counts))
+    slots = slot_layout(user_row, max_g=max_g)
+    assert slots.g > 1 or max_g == 1
+    assert (slots.user_row[slots.position // slots.g] == user_row).all() and len(set(slots.position)) == len(user_row)
+    enc = ort.InferenceSession(str(exported / "user_encoder.onnx"), providers=["CPUExecutionProvider"])
+    cand = ort.InferenceSession(str(exported / "candidate_scorer.onnx"), providers=["CPUExecutionProvider"])
+    user = dict(zip(gs.user_outputs, enc.run(None, to_feeds(users, gs, "user_encoder")), strict=False))
+    laid = {k: slots.spread(batch[k]) for k in gs.cand_keys}
+    out = cand.run(None, candidate_feeds(user, slots.user_row, laid, gs))
+    got = {k: slots.collect(v) for k, v in zip(gs.score_outputs, out, strict=False)}
+    ref = G.torch_grouped(b.model, users, user_row, {k: batch[k] for k in gs.cand_keys})
+    for k in ("ctr", "r", "r_hat"):
+        assert np.abs(got[k] - ref[k]).max() <= 1e-5, k
 
 
 def test_parity_gate_recorded(exported):

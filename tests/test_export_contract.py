@@ -68,12 +68,21 @@ outs = dict(zip([o.name for o in user.get_outputs()], user.run(None, feeds)))
 types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
          "tensor(bool)": np.bool_}
 key_of = {name: key for key, name in manifest["input_names"].items()}
+# slots of G candidates, each user's candidates in slots of its own, free places index 0 / dense 0.0
+G = 4
+n_slots = -(-np.bincount(user_row) // G)
+slot_user = np.repeat(np.arange(len(users)), n_slots)
+first_slot = np.cumsum(n_slots) - n_slots
+place = np.empty(len(user_row), np.int64)
+for u in range(len(users)):
+    mine = np.flatnonzero(user_row == u)
+    place[mine] = first_slot[u] * G + np.arange(len(mine))
 feeds = {}
 for i in cand.get_inputs():
     if i.name.startswith("user__"):
         x = outs[i.name[len("user__"):]]
     elif i.name == "user_row":
-        x = user_row
+        x = slot_user
     elif i.name == "user_index":
         x = encode("user_index", raw["user"])
     else:
@@ -83,8 +92,12 @@ for i in cand.get_inputs():
             x = (raw[key].astype(np.float32) - np.float32(schema["dense_mean"][f])) / np.float32(schema["dense_std"][f])
         else:
             x = encode(key, raw[key])
+    if i.name != "user_row" and not i.name.startswith("user__"):
+        laid = np.zeros(len(slot_user) * G, x.dtype)
+        laid[place] = x
+        x = laid
     feeds[i.name] = np.ascontiguousarray(x, dtype=types[i.type])
-np.save(out, cand.run(["ctr"], feeds)[0])
+np.save(out, cand.run(["ctr"], feeds)[0][place])
 """
 
 

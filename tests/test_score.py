@@ -324,7 +324,7 @@ def test_half_precision_folds_the_input_norm_in_fp32(run_bundle, tiny_data, dtyp
 
     model = copy.deepcopy(run_bundle.model).eval()
     cfg, bn = model.cfg, model.input_norm
-    d_prod = len(model.prod_e)
+    d_prod = sum(b - a for a, b in model.prod_e)
     assert bn is not None and cfg.target_product and d_prod
     cols = slice(bn.num_features - int(cfg.use_u2i) - d_prod, bn.num_features - int(cfg.use_u2i))
     with torch.no_grad():

@@ -225,6 +225,31 @@ def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
     return torch.where(one, running, (x - mean) * torch.rsqrt(var + bn.eps) * bn.weight + bn.bias)
 
 
+def _in_slots(x: Tensor, R: int) -> Tensor:
+    """[R * g, d] as [R, g, d]. An exported graph reads g from its inputs; in torch a batch may be empty."""
+    if torch.onnx.is_in_onnx_export():
+        return x.reshape(R, -1, x.shape[-1])
+    return x.reshape(R, x.shape[0] // max(R, 1), x.shape[-1])
+
+
+def _runs(cols: list[int]) -> list[tuple[int, int]]:
+    """Column indices as [start, stop) runs of consecutive columns."""
+    runs: list[tuple[int, int]] = []
+    for c in cols:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+def _columns(x: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    """The columns of x (last axis) in runs, concatenated; x itself when they are all of it, in order."""
+    if len(runs) == 1 and runs[0] == (0, x.shape[-1]):
+        return x
+    return torch.cat([x[..., a:b] for a, b in runs], dim=-1)
+
+
 def _mlp(d_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -270,15 +295,11 @@ class DMR(nn.Module):
         cols_e = self._columns([f"hist/{f}" for f in spec.behaviors], dims)
         cols_t = self._columns([f"target/{f}" for f in spec.target], dims)
         shared = [f for f in spec.behaviors if f in spec.target and table_of[f"hist/{f}"] == table_of[f"target/{f}"]]
-        self.register_buffer(
-            "prod_e", torch.tensor([c for f in shared for c in cols_e[f"hist/{f}"]], dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "prod_t",
-            torch.tensor([c for f in shared for c in cols_t[f"target/{f}"]], dtype=torch.long),
-            persistent=False,
-        )
-        d_prod = len(self.prod_e) if cfg.target_product else 0
+        # as runs of consecutive columns: slices, not gathers along the feature axis (in an exported graph a
+        # Gather on the last axis took ~9% of the INT8 candidate scorer's time)
+        self.prod_e = _runs([c for f in shared for c in cols_e[f"hist/{f}"]])
+        self.prod_t = _runs([c for f in shared for c in cols_t[f"target/{f}"]])
+        d_prod = sum(b - a for a, b in self.prod_e) if cfg.target_product else 0
         d_in = d_p + d_t + d_c + (d_e + cfg.use_r_hat + d_prod if cfg.use_i2i else 0) + cfg.use_u2i
         # The MLP input mixes embeddings (~0.05), products of them (~0.003) and relevance units (up to tens):
         # without a normalisation the products, which carry the target-history match, barely reach it (and
@@ -339,7 +360,9 @@ class DMR(nn.Module):
         return out
 
     def score_candidates(self, user: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The target-dependent part. `user` rows align with `batch` rows (index them by user first)."""
+        """The target-dependent part. `user` holds R rows and `batch` R * g candidates: candidates
+        g * i ... g * i + g - 1 belong to user row i (g = 1: rows aligned, as in training). The attention
+        then broadcasts one user's keys to its g candidates instead of reading a copy per candidate."""
         x_t = self._embed(batch, [f"target/{f}" for f in self.spec.target])
         parts = [self._embed(batch, self.spec.profile_keys())] if self.spec.profile_keys() else []
         parts.append(x_t)
@@ -347,27 +370,29 @@ class DMR(nn.Module):
             parts.append(self._embed(batch, [f"context/{f}" for f in self.spec.context]))
         if self.spec.dense:
             parts.append(torch.stack([batch[f"dense/{f}"] for f in self.spec.dense], dim=-1).to(x_t.dtype))
+        R = user["mask"].shape[0]
         out = {}
         if self.cfg.use_i2i:
-            e, mask = user["hist_emb"], user["mask"]
-            a_hat = self.att_i2i.scores(user["i2i_keys"], e, x_t)
-            out["r_hat"] = (a_hat * mask).sum(dim=-1)  # Eq. 11 over real behaviours only
+            e, mask = user["hist_emb"], user["mask"].unsqueeze(1)  # [R, T, d_e], [R, 1, T]
+            q = _in_slots(x_t, R)  # [R, g, d_t]
+            a_hat = self.att_i2i.scores(user["i2i_keys"].unsqueeze(1), e.unsqueeze(1), q)  # [R, g, T]
+            out["r_hat"] = (a_hat * mask).sum(dim=-1).reshape(-1)  # Eq. 11 over real behaviours only
             alpha = masked_softmax(a_hat, mask > 0)
-            u_hat = torch.bmm(alpha.unsqueeze(1), e).squeeze(1)  # Eq. 12-13
-            out["i2i_weights"] = alpha
+            u_hat = torch.bmm(alpha, e).reshape(-1, e.shape[-1])  # Eq. 12-13
+            out["i2i_weights"] = alpha.reshape(-1, alpha.shape[-1])
             parts += [u_hat, out["r_hat"].unsqueeze(-1)] if self.cfg.use_r_hat else [u_hat]
             if self.cfg.target_product:
                 parts.append(self.match_product(u_hat, x_t))
         if self.cfg.use_u2i:
             v = self._v_out(batch[f"target/{self.cfg.match_field}"])
-            out["r"] = (user["u"] * v).sum(dim=-1)  # Eq. 5
+            out["r"] = (user["u"].unsqueeze(1) * _in_slots(v, R)).sum(dim=-1).reshape(-1)  # Eq. 5
             parts.append(out["r"].unsqueeze(-1))
         out["logit"] = self.mlp(self.normalise_input(torch.cat(parts, dim=-1))).squeeze(-1)
         return out
 
     def match_product(self, u_hat: Tensor, x_t: Tensor) -> Tensor:
         """u_hat * x_t over the fields behaviours and target share: the target-history match, per dimension."""
-        return u_hat.index_select(-1, self.prod_e) * x_t.index_select(-1, self.prod_t)
+        return _columns(u_hat, self.prod_e) * _columns(x_t, self.prod_t)
 
     def normalise_input(self, x: Tensor) -> Tensor:
         """The MLP input's batch norm: batch statistics in training, else the per-column affine of the
@@ -387,8 +412,9 @@ class DMR(nn.Module):
         return scale, bn.bias - bn.running_mean * scale
 
     def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Candidates of many users: `user` holds one row per user (from encode_user), `user_row[i]` says
-        which of those rows candidate i belongs to. The history is encoded once per user, not per candidate."""
+        """Candidates of many users: `user` holds one row per user (from encode_user); `user_row` [R] says
+        which of those rows each slot of g = B / R consecutive candidates belongs to (R = B: one candidate
+        per slot). The history is encoded once per user, not per candidate."""
         return self.score_candidates({k: v.index_select(0, user_row) for k, v in user.items()}, batch)
 
     def forward(

@@ -31,7 +31,8 @@ from dmrx.data.vocab import Vocab
 from dmrx.errors import DmrxError
 
 FORMAT = "dmrx-export"
-VERSION = 2
+VERSION = 3  # 3: the candidate_scorer takes candidates in slots (dmrx.runtime.graphs); 2: one per user_row
+READS = (2, 3)
 SPLIT_GRAPHS = ("user_encoder", "candidate_scorer")
 INFERENCE_FILES = {
     "model.json": "the model's inference settings",
@@ -62,14 +63,14 @@ def write_inference_files(root: Path, spec: FeatureSpec, vocabs: dict[str, Vocab
 def is_export(path: str | os.PathLike) -> bool:
     """Whether path is a directory whose manifest says it is an export (not checked further)."""
     try:
-        return manifests.read(path, FORMAT, (VERSION,)) is not None
+        return manifests.read(path, FORMAT, READS) is not None
     except DmrxError:
         return False
 
 
 def read(path: str | os.PathLike) -> dict:
     """The export's manifest, format and version checked; files are checked as they are used (check_file)."""
-    return manifests.read(path, FORMAT, (VERSION,), missing=" (make one with `dmrx export`)")
+    return manifests.read(path, FORMAT, READS, missing=" (make one with `dmrx export`)")
 
 
 def check_file(path: str | os.PathLike, manifest: dict, name: str) -> Path:
@@ -104,6 +105,11 @@ class ExportBundle:
         return int(self.settings["max_len"])
 
     @property
+    def candidate_slots(self) -> bool:
+        """Whether the candidate_scorer takes slots of g > 1 candidates per user_row entry."""
+        return int(self.manifest["version"]) >= 3
+
+    @property
     def use_u2i(self) -> bool:
         return bool(self.settings["use_u2i"])
 
@@ -128,7 +134,7 @@ def load(path: str | os.PathLike) -> ExportBundle:
     """The export at path, every file's hash checked; its vocabularies checked against its graphs."""
     path = Path(path)
     manifest = manifests.verify(
-        path, FORMAT, (VERSION,), missing=" (make one with `dmrx export`)", hint="; export the run again"
+        path, FORMAT, READS, missing=" (make one with `dmrx export`)", hint="; export the run again"
     )
     for name in INFERENCE_FILES:
         if name not in manifest["files"]:

@@ -1,10 +1,11 @@
 """The onnxruntime scoring backend: the export's user_encoder and candidate_scorer graphs.
 
-On CPU, int8 loads the export's CPU flavour (*.int8-cpu.onnx: 7-bit weights, laid out for ONNX Runtime's
-CPU kernels) when it has one, else the TensorRT-targeted Q/DQ graphs; and the candidate side runs in
-blocks of CPU_BLOCK candidates: its per-candidate copies of the user tensors ([T, d_e] and [T, h] each)
-and their intermediates then stay in cache (1.2-1.5x the rows/s of whole 4096-row batches, measured on
-2-core x86 CPUs with benchmarks/edge.py).
+The candidate side takes a batch in slots (dmrx.runtime.graphs.slot_layout): a user's candidates in slots
+of g that read one copy of the user's tensors, instead of a gathered copy per candidate ([T, d_e] and
+[T, h] each), which was a third of the INT8 graph's time. On CPU it runs in calls of about CPU_BLOCK
+candidates, so that the [g, T, h] attention intermediates stay in cache. int8 loads the export's CPU
+flavour (*.int8-cpu.onnx: 7-bit weights, laid out for ONNX Runtime's CPU kernels) when it has one, else
+the TensorRT-targeted Q/DQ graphs. Exports before slots (format version 2) take one candidate per slot.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from dmrx.data.features import batch_key
 from dmrx.errors import DmrxError
+from dmrx.runtime.graphs import Slots, slot_layout
 from dmrx.runtime.ort import CPU_INT8, NUMPY_DTYPES, USER_PREFIX, session
 from dmrx.scoring.cores import available_cores
 
@@ -64,6 +66,7 @@ class OrtBackend:
         self.cand = session(files["candidate_scorer"], threads=0 if gpu else 1, providers=providers, spinning=False)
         self.threads = self.workers
         self.block = None if gpu else CPU_BLOCK
+        self.slots = export.candidate_slots
         self.providers = self.cand.get_providers()
         self.files = files
         key_of = {v: k for k, v in manifest.get("input_names", {}).items()}
@@ -91,23 +94,29 @@ class OrtBackend:
                 raise DmrxError(f"{self.files['user_encoder']}: input {name} is not a history column")
             feeds[name] = np.ascontiguousarray(src[key], dtype=dt)
         user = dict(zip(self.user_out, self.user.run(None, feeds), strict=False))
+        slots = slot_layout(work.user_row) if self.slots else Slots.single(work.user_row)
         user_feeds, cand_feeds = {}, {}
         for name, key, dt in self.cand_in:
             if name.startswith(USER_PREFIX):
                 user_feeds[name] = np.ascontiguousarray(user[name[len(USER_PREFIX) :]], dtype=dt)
             elif name == "user_row":
-                cand_feeds[name] = np.ascontiguousarray(work.user_row, dtype=dt)
+                continue
             elif key in work.cand:
-                cand_feeds[name] = np.ascontiguousarray(work.cand[key], dtype=dt)
+                cand_feeds[name] = slots.spread(np.ascontiguousarray(work.cand[key], dtype=dt))
             else:
                 raise DmrxError(f"{self.files['candidate_scorer']}: input {name} is not a candidate column")
-        n = work.n_candidates
-        step = self.block or n
+        g, n = slots.g, len(slots.user_row)
+        step = max(1, self.block // g) if self.block else n
         out = [
-            self.cand.run(["ctr"], user_feeds | {k: v[a : a + step] for k, v in cand_feeds.items()})[0]
+            self.cand.run(
+                ["ctr"],
+                user_feeds
+                | {"user_row": slots.user_row[a : a + step]}
+                | {k: v[a * g : (a + step) * g] for k, v in cand_feeds.items()},
+            )[0]
             for a in range(0, n, step)
         ]
-        return np.concatenate(out).astype(np.float32, copy=False).reshape(-1)
+        return slots.collect(np.concatenate(out).reshape(-1)).astype(np.float32, copy=False)
 
     def describe(self) -> dict:
         return {
@@ -118,4 +127,5 @@ class OrtBackend:
             "threads": self.threads,
             "path": f"{self.files['user_encoder'].name} + {self.files['candidate_scorer'].name}",
             "candidate_block": self.block,
+            "candidate_slots": self.slots,
         }
