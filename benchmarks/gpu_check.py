@@ -85,7 +85,8 @@ class Checks:
 
     def add(self, stage: str, name: str, value: str, ok: bool | None = None) -> None:
         self.rows.append({"stage": stage, "check": name, "result": value, "ok": ok})
-        print(f"{name}: {value} {'' if ok is None else ('OK' if ok else 'FAILED')}", flush=True)
+        # live progress on stderr: stdout carries the table (or strict JSON with --json) at the end
+        print(f"{name}: {value} {'' if ok is None else ('OK' if ok else 'FAILED')}", file=sys.stderr, flush=True)
 
     def run(self, stage: str, budget_s: float, fn, *args) -> None:
         """Run one stage under a hard time budget; an exception or an overrun is a failed row."""
