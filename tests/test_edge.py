@@ -21,6 +21,7 @@ from dmrx.cli.app import app
 from dmrx.data.reader import DataFile, HistoryReader
 from dmrx.models import bundle
 from dmrx.retrieval.users import UserEncoder
+from dmrx.runtime.graphs import slot_layout
 from dmrx.scoring import Scorer, score_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,7 @@ def test_user_vectors_and_retrieval_without_torch(copied_export, tiny_run, tiny_
         from dmrx.data.reader import HistoryReader
         from dmrx.retrieval.index import load_index
         from dmrx.retrieval.users import UserEncoder
+from dmrx.runtime.graphs import slot_layout
         from dmrx.runtime import export_bundle
 
         export_dir, data, run, q, out = sys.argv[1:]
@@ -219,3 +221,19 @@ def test_bad_bundle_is_one_line_naming_the_file(copied_export, tiny_data, tmp_pa
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and file in lines[0] and words in lines[0], res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_an_export_of_format_2_scores_one_candidate_per_user_row(copied_export, tiny_data, tmp_path):
+    """Format 2 exports took user_row per candidate; the backend feeds them so (their graphs reject slots),
+    and the scores are the ones format 3's slots give."""
+    old = _bad_copy(copied_export, tmp_path)
+    m = json.loads((old / "manifest.json").read_text())
+    assert m["version"] == 3
+    m["version"] = 2
+    (old / "manifest.json").write_text(json.dumps(m))
+    with DataFile(tiny_data / "candidates.h5") as d:
+        batch = next(d.batches(300, 200))
+    new_s, old_s = Scorer(copied_export, "onnxruntime", threads=1), Scorer(old, "onnxruntime", threads=1)
+    assert new_s.backend.slots and not old_s.backend.slots
+    assert slot_layout(new_s.prepare(batch)[0].user_row).g > 1  # the new path does lay out slots here
+    assert np.abs(new_s.score_batch(batch) - old_s.score_batch(batch)).max() <= 1e-6
