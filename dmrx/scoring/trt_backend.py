@@ -3,7 +3,9 @@
 An engine takes at most its optimisation profile's maximum rows per call (8192 users or candidates for the
 engines `dmrx export --engine tensorrt` builds), and `--batch-size` may ask for more: a bigger batch is
 scored in pieces of at most that many candidates, each with only the histories it uses, and the pieces'
-scores are put back together in order.
+scores are put back together in order. The candidate scorer gets one candidate per slot (`user_row` per
+candidate, which every export takes): slots save the CPU's caches a per-candidate copy of the user's
+tensors, and whether they pay on a GPU is unmeasured (no GPU has run this backend).
 """
 
 from __future__ import annotations
