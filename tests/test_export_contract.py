@@ -101,9 +101,9 @@ np.save(out, cand.run(["ctr"], feeds)[0][place])
 """
 
 
-# INT8: agreement to a fraction of one quantization step. Run from plain processes the two agree exactly; under
-# pytest they have been seen to differ by 1.1e-3, one INT8 rounding step; the cause is not yet found.
-@pytest.mark.parametrize("precision, flavour, tol", [("fp32", "fp32", 1e-6), ("int8", "int8-cpu", 5e-3)])
+# dmrx runs the CPU INT8 flavour for --precision int8: the caller runs the same graphs, so the CTRs agree to
+# float rounding at either precision
+@pytest.mark.parametrize("precision, flavour, tol", [("fp32", "fp32", 1e-6), ("int8", "int8-cpu", 1e-6)])
 def test_a_program_that_knows_only_the_contract_scores_like_dmrx(
     copied_export, tiny_data, tmp_path, precision, flavour, tol
 ):
@@ -122,7 +122,7 @@ def test_a_program_that_knows_only_the_contract_scores_like_dmrx(
             textwrap.dedent(CALLER),
             str(copied_export),
             str(tmp_path / "batch.npz"),
-            precision,
+            flavour,
             str(tmp_path / "ctr.npy"),
         ],
         capture_output=True,
@@ -132,4 +132,4 @@ def test_a_program_that_knows_only_the_contract_scores_like_dmrx(
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = np.load(tmp_path / "ctr.npy")
     assert got.shape == want.shape and len(np.unique(raw["user"])) > 1
-    assert np.abs(got - want).max() <= tol
+    assert np.abs(got - want).max() <= tol, np.abs(got - want).max()
