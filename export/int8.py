@@ -122,9 +122,9 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
     CPU). The FP32 readers also stop seeing a rounded copy. Returns the number of rewired readers.
 
     A graph output the quantizer put behind a Q -> DQ (the user encoder's hist_emb, read by the
-    projections) is first given back its float value: the DQ gets a name of its own and the output is
-    the unrounded tensor, so the projections can take integer kernels (the INT8 user
-    encoder ran slower than the FP32 one without this) and callers read what the FP32 graph returns."""
+    projections) is first given back its float value: the DQ gets a name of its own and the output is the
+    unrounded tensor, so the projections can take integer kernels (without this the INT8 user encoder
+    ran slower than the FP32 one) and callers read what the FP32 graph returns."""
     from onnx import helper
 
     _unround_outputs(model)
@@ -226,7 +226,7 @@ def _unround_outputs(model: onnx.ModelProto) -> None:
         src.output[list(src.output).index(unrounded)] = name
         for n in model.graph.node:
             for j, x in enumerate(n.input):
-                if x == name and n is not q:
+                if x == name:
                     n.input[j] = rounded
                 elif x == unrounded:
                     n.input[j] = name

@@ -123,7 +123,6 @@ def test_user_vectors_and_retrieval_without_torch(copied_export, tiny_run, tiny_
         from dmrx.data.reader import HistoryReader
         from dmrx.retrieval.index import load_index
         from dmrx.retrieval.users import UserEncoder
-from dmrx.runtime.graphs import slot_layout
         from dmrx.runtime import export_bundle
 
         export_dir, data, run, q, out = sys.argv[1:]
