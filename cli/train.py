@@ -104,7 +104,10 @@ def train(
 @user_errors
 def evaluate(
     run: Annotated[Path | None, typer.Argument(help="Run directory (default: the most recent run).")] = None,
-    data: Annotated[Path, typer.Option(help="Labelled dmrx data file to evaluate on.")] = Path("test.h5"),
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Labelled dmrx data file to evaluate on (default: test.h5 beside the run's training file)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4096,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ):
@@ -115,6 +118,8 @@ def evaluate(
     from dmrx.models import bundle
 
     b = bundle.load(run)
+    if data is None:
+        data = bundle.run_data(b.path, "test.h5", config=b.config)
     with DataFile(data) as f:
         encoder = b.encoder()
         encoder.check_file(f)

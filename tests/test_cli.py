@@ -144,6 +144,16 @@ def test_evaluate_without_positives_prints_null_auc(tiny_run, tiny_data, tmp_pat
     assert math.isfinite(metrics["logloss"])
 
 
+def test_evaluate_defaults_to_the_runs_test_file_from_any_directory(tiny_run, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no test.h5 here: the run's own, beside its training file, is used
+    res = runner.invoke(app, ["evaluate", str(tiny_run), "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = strict_loads(res.stdout)
+    assert Path(metrics["data"]) == tiny_data / "test.h5" and 0.0 <= metrics["auc"] <= 1.0
+    given = strict_loads(runner.invoke(app, ["evaluate", str(tiny_run), "--data", metrics["data"], "--json"]).stdout)
+    assert given == metrics
+
+
 def test_piped_table_prints_long_numbers_whole(tiny_data, tmp_path):
     data = tmp_path / "d.h5"
     shutil.copyfile(tiny_data / "test.h5", data)
