@@ -98,10 +98,11 @@ def export_graph(model: DMR, gs: GraphSpec, graph: str, opset: int = OPSET) -> o
     for name in inputs:
         if graph != "candidate_scorer":
             dyn[name] = {0: "batch"}
-        else:  # user_row has one entry per slot of candidates: its length divides the candidates'
-            dyn[name] = {
-                0: "users" if name.startswith(USER_PREFIX) else "slots" if name == "user_row" else "candidates"
-            }
+        elif name.startswith(USER_PREFIX):
+            dyn[name] = {0: "users"}
+        else:  # user_row and the user's own features come once per slot of candidates
+            per_slot = ["user_row"] + [gs.names[k] for k in gs.slot_keys]
+            dyn[name] = {0: "slots" if name in per_slot else "candidates"}
     for name in outputs:
         dyn[name] = {0: "candidates" if graph == "candidate_scorer" else "batch"}
     buf = io.BytesIO()

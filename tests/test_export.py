@@ -95,23 +95,34 @@ def test_split_graphs_match_torch_score_grouped(exported, tiny_run, tiny_data):
         assert np.abs(user[k] - ref_u[k].float().numpy()).max() <= 1e-5, k
 
 
-@pytest.mark.parametrize("max_g", [1, 4, 32])
-def test_candidates_in_slots_score_as_one_per_user_row(exported, tiny_run, tiny_data, max_g):
+@pytest.mark.parametrize("max_g, profile", [(1, "per user"), (4, "per user"), (32, "per user"), (32, "per row")])
+def test_candidates_in_slots_score_as_one_per_user_row(exported, tiny_run, tiny_data, max_g, profile):
     """The candidate_scorer on candidates laid out in slots of g (uneven users: 1 to 17 candidates, so the
-    last slot of some is padding) gives each candidate the CTR, r and r_hat of torch's one-per-row path."""
+    last slot of some is padding; the user's own features once per slot, and a user whose rows differ in
+    them split into slots that do not mix them) gives each candidate the CTR, r and r_hat of torch's
+    one-per-row path."""
     b = bundle.load(tiny_run)
     gs = GraphSpec.of(b.model)
+    assert gs.slot_keys
     counts = [17, 1, 5, 9, 2, 4]
     batch = _edge_batch(tiny_data, b, sum(counts))
     users = {k: batch[k][: len(counts)] for k in gs.hist_keys}
     user_row = np.random.default_rng(1).permutation(np.repeat(np.arange(len(counts)), counts))
-    slots = slot_layout(user_row, max_g=max_g)
+    owner = user_row.copy()
+    if profile == "per row":  # user 0's rows carry two users' features in turn
+        mine = np.flatnonzero(user_row == 0)
+        owner[mine[::2]] = 1
+    batch.update({k: batch[k][owner] for k in gs.slot_keys})
+    same = [batch[k] for k in gs.slot_keys]
+    slots = slot_layout(user_row, same, max_g=max_g)
     assert slots.g > 1 or max_g == 1
     assert (slots.user_row[slots.position // slots.g] == user_row).all() and len(set(slots.position)) == len(user_row)
+    for col in same:  # no slot mixes values of the user's own features
+        assert (slots.per_slot(col)[slots.position // slots.g] == col).all()
     enc = ort.InferenceSession(str(exported / "user_encoder.onnx"), providers=["CPUExecutionProvider"])
     cand = ort.InferenceSession(str(exported / "candidate_scorer.onnx"), providers=["CPUExecutionProvider"])
     user = dict(zip(gs.user_outputs, enc.run(None, to_feeds(users, gs, "user_encoder")), strict=False))
-    laid = {k: slots.spread(batch[k]) for k in gs.cand_keys}
+    laid = {k: (slots.per_slot if k in gs.slot_keys else slots.spread)(batch[k]) for k in gs.cand_keys}
     out = cand.run(None, candidate_feeds(user, slots.user_row, laid, gs))
     got = {k: slots.collect(v) for k, v in zip(gs.score_outputs, out, strict=False)}
     ref = G.torch_grouped(b.model, users, user_row, {k: batch[k] for k in gs.cand_keys})
@@ -207,7 +218,7 @@ def test_fp16_keeps_softmax_mask_and_sigmoid_in_fp32(exported):
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
 
 
-def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
+def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported, tiny_run):
     m = onnx.load(str(exported / "ranking.int8.onnx"))
     inits = {t.name: t for t in m.graph.initializer}
     prod = _producers(m)
@@ -238,8 +249,23 @@ def test_int8_is_symmetric_qdq_with_sensitive_ops_kept_out(exported):
         if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
             dqs = readers[n.output[0]]
             assert len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear", n.name
-    first = next(n for n in m.graph.node if n.op_type == "Gemm" and "mlp.0" in n.name)
-    assert prod[first.input[1]].op_type == "DequantizeLinear" and prod[first.input[0]].op_type == "DequantizeLinear"
+    # the first layer: the profile block's matmul and the rest's, both reading INT8 weights and activations
+    width = bundle.load(tiny_run).model.cfg.mlp[0]
+
+    def weight(n):
+        x = n.input[1]
+        x = prod[x].input[0] if x in prod and prod[x].op_type == "DequantizeLinear" else x
+        return inits.get(x)
+
+    def out_width(n) -> int:
+        dims = weight(n).dims
+        return dims[0] if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute) else dims[1]
+
+    firsts = [n for n in m.graph.node if n.op_type in ("Gemm", "MatMul") and weight(n) is not None]
+    firsts = [n for n in firsts if out_width(n) == width]
+    assert len(firsts) == 2
+    for n in firsts:
+        assert prod[n.input[1]].op_type == "DequantizeLinear" and prod[n.input[0]].op_type == "DequantizeLinear"
 
 
 # ---- TensorRT lint ---------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ place = np.empty(len(user_row), np.int64)
 for u in range(len(users)):
     mine = np.flatnonzero(user_row == u)
     place[mine] = first_slot[u] * G + np.arange(len(mine))
+member = first[slot_user]  # inputs with axis "slots" take the slot's user's value (the same on all its rows)
 feeds = {}
 for i in cand.get_inputs():
     if i.name.startswith("user__"):
@@ -92,7 +93,12 @@ for i in cand.get_inputs():
             x = (raw[key].astype(np.float32) - np.float32(schema["dense_mean"][f])) / np.float32(schema["dense_std"][f])
         else:
             x = encode(key, raw[key])
-    if i.name != "user_row" and not i.name.startswith("user__"):
+    if i.name == "user_row" or i.name.startswith("user__"):
+        pass
+    elif i.shape[0] == "slots":
+        assert (x == x[first][user_row]).all(), i.name  # one value per user in this batch
+        x = x[member]
+    else:
         laid = np.zeros(len(slot_user) * G, x.dtype)
         laid[place] = x
         x = laid

@@ -55,3 +55,16 @@ def test_empty_and_single_layouts():
     single = slot_layout(np.array([3, 1, 3]))
     col = np.array([7.0, 8.0, 9.0], np.float32)
     assert single.g == 1 and single.spread(col) is col and single.collect(col) is col
+
+
+def test_slots_never_mix_the_users_own_features():
+    user_row = np.repeat([0, 1], [12, 8])
+    age = np.where(np.arange(20) % 3 == 0, 5, 7)  # user 0's rows disagree; user 1's too
+    age[12:] = 9  # now user 1's agree
+    s = slot_layout(user_row, [age])
+    assert s.g > 1
+    slot_of = s.position // s.g
+    assert (s.user_row[slot_of] == user_row).all() and (s.per_slot(age)[slot_of] == age).all()
+    assert len(set(zip(s.user_row.tolist(), s.per_slot(age).tolist(), strict=True))) == 3  # user 0 split in two
+    same = slot_layout(user_row, [np.full(20, 4)])
+    assert (same.user_row == slot_layout(user_row).user_row).all()  # constant features: no split

@@ -10,7 +10,8 @@ and target; V': the separate output table of the match field (items, or categori
   predicts the most recent behaviour against V' with k sampled negatives.
 - Item-to-Item network (Eq. 10-13): attention between target and behaviours; r_hat = sum of the raw scores
   over real behaviours, u_hat = the softmax-weighted sum.
-- MLP over [x_p, x_t, x_c, u_hat, r, r_hat], PReLU, sigmoid.
+- MLP over [x_p, x_t, x_c, u_hat, r, r_hat], PReLU, sigmoid. At inference the profile block x_p (the user's
+  own features) enters once per user row: the first layer's share of it is added to each of its candidates.
 
 Inference is split in two so a user's history is encoded once for all its candidates: `encode_user`
 (everything that does not depend on the target) and `score_candidates` (the target-dependent rest).
@@ -280,6 +281,7 @@ class DMR(nn.Module):
         d_e = sum(dims[table_of[f"hist/{f}"]] for f in spec.behaviors)
         d_t = sum(dims[table_of[f"target/{f}"]] for f in spec.target)
         d_p = sum(dims[table_of[k]] for k in spec.profile_keys())
+        self.d_p = d_p  # the profile block's width: the first columns of the MLP input
         d_c = sum(dims[table_of[f"context/{f}"]] for f in spec.context) + len(spec.dense)
         self.d_e = d_e
         attn = AdditiveAttention if cfg.attention == "additive" else DinAttention
@@ -364,8 +366,7 @@ class DMR(nn.Module):
         g * i ... g * i + g - 1 belong to user row i (g = 1: rows aligned, as in training). The attention
         then broadcasts one user's keys to its g candidates instead of reading a copy per candidate."""
         x_t = self._embed(batch, [f"target/{f}" for f in self.spec.target])
-        parts = [self._embed(batch, self.spec.profile_keys())] if self.spec.profile_keys() else []
-        parts.append(x_t)
+        parts = [x_t]
         if self.spec.context:
             parts.append(self._embed(batch, [f"context/{f}" for f in self.spec.context]))
         if self.spec.dense:
@@ -387,8 +388,28 @@ class DMR(nn.Module):
             v = self._v_out(batch[f"target/{self.cfg.match_field}"])
             out["r"] = (user["u"].unsqueeze(1) * _in_slots(v, R)).sum(dim=-1).reshape(-1)  # Eq. 5
             parts.append(out["r"].unsqueeze(-1))
-        out["logit"] = self.mlp(self.normalise_input(torch.cat(parts, dim=-1))).squeeze(-1)
+        x_p = self._embed(batch, self.spec.profile_keys()) if self.spec.profile_keys() else None
+        out["logit"] = self._head(x_p, torch.cat(parts, dim=-1)).squeeze(-1)
         return out
+
+    def _head(self, x_p: Tensor | None, x: Tensor) -> Tensor:
+        """The MLP over [x_p, x]: x_p [R, d_p] per user row, x [R * g, d] per candidate.
+
+        In training (R = B) the two are concatenated for the batch norm's statistics. Otherwise the batch
+        norm is a per-column affine and the first layer splits by input block: the profile block's share is
+        computed once per user row and added to its g candidates, as the torch scorer and the exported
+        candidate scorer (profile inputs once per slot) do."""
+        if x_p is None:
+            return self.mlp(self.normalise_input(x))
+        if self.training:
+            return self.mlp(self.normalise_input(torch.cat([x_p, x], dim=-1)))
+        d_p, first = self.d_p, self.mlp[0]  # a Python int, so an exported graph slices the weight once
+        if self.input_norm is not None:
+            scale, shift = self.input_affine()
+            x_p, x = x_p * scale[:d_p] + shift[:d_p], x * scale[d_p:] + shift[d_p:]
+        pre = F.linear(x, first.weight[:, d_p:], first.bias)
+        pre = (_in_slots(pre, x_p.shape[0]) + F.linear(x_p, first.weight[:, :d_p]).unsqueeze(1)).reshape(pre.shape)
+        return self.mlp[1:](pre)
 
     def match_product(self, u_hat: Tensor, x_t: Tensor) -> Tensor:
         """u_hat * x_t over the fields behaviours and target share: the target-history match, per dimension."""

@@ -5,7 +5,8 @@
 - candidate_scorer: user-side tensors of U users + user_row [S] + candidate features [C] -> ctr [C], ...
                     The candidates come in S slots of g = C / S consecutive candidates, slot s belonging to
                     user user_row[s] (S = C, g = 1: one user row per candidate). In a slot the attention
-                    broadcasts one copy of the user's tensors to g candidates; `slot_layout` lays a batch
+                    broadcasts one copy of the user's tensors to g candidates, and the user's own features
+                    (profile fields, user_index: `slot_keys`) come once per slot; `slot_layout` lays a batch
                     out, padding a user's last slot with index-0 candidates whose scores are dropped.
 
 Inputs are named after the batch keys with "/" written "__" (dmrx.runtime.ort.onnx_name); the mapping is
@@ -44,6 +45,7 @@ class GraphSpec:
     score_outputs: list[str]  # ctr, logit, r?, r_hat?
     max_len: int
     names: dict[str, str] = field(default_factory=dict)  # batch key -> ONNX input name
+    slot_keys: list[str] = field(default_factory=list)  # candidate_scorer inputs given once per slot: the user's own
 
     @classmethod
     def of(cls, model) -> GraphSpec:
@@ -55,7 +57,7 @@ class GraphSpec:
         user = ["hist_emb", "mask"] + ["u"] * cfg.use_u2i + ["i2i_keys"] * cfg.use_i2i
         score = ["ctr", "logit"] + ["r"] * cfg.use_u2i + ["r_hat"] * cfg.use_i2i
         names = {k: onnx_name(k) for k in hist + cand}
-        return cls(hist, cand, user, score, cfg.max_len, names)
+        return cls(hist, cand, user, score, cfg.max_len, names, spec.profile_keys())
 
     def inputs(self, graph: str) -> list[str]:
         """ONNX input names of a graph, in order."""
@@ -86,16 +88,19 @@ def to_feeds(batch: dict[str, np.ndarray], gs: GraphSpec, graph: str) -> dict[st
 @dataclass
 class Slots:
     """Candidates laid out for the candidate_scorer: slot s holds g places of user user_row[s], candidate i
-    sits at place position[i], and places left over are padding (index 0, dense 0.0)."""
+    sits at place position[i], and places left over are padding (index 0, dense 0.0). The user's own
+    features (GraphSpec.slot_keys) are fed once per slot, read at candidate member[s]."""
 
     g: int
     user_row: np.ndarray  # [S] int64
     position: np.ndarray  # [C] int64, distinct, in [0, S * g)
+    member: np.ndarray  # [S] int64: a candidate of each slot
 
     @classmethod
     def single(cls, user_row: np.ndarray) -> Slots:
         """One candidate per slot: the layout every candidate_scorer takes."""
-        return cls(1, np.asarray(user_row, np.int64), np.arange(len(user_row), dtype=np.int64))
+        every = np.arange(len(user_row), dtype=np.int64)
+        return cls(1, np.asarray(user_row, np.int64), every, every)
 
     @property
     def places(self) -> int:
@@ -109,32 +114,54 @@ class Slots:
         out[self.position] = col
         return out
 
+    def per_slot(self, col: np.ndarray) -> np.ndarray:
+        """A column of the user's own features [C] as the slots take it [S]."""
+        return col if self.g == 1 else col[self.member]
+
     def collect(self, scores: np.ndarray) -> np.ndarray:
         """Per-place outputs [S * g] back in candidate order [C]."""
         return scores if self.g == 1 else scores[self.position]
 
 
-def slot_layout(user_row: np.ndarray, max_g: int = MAX_SLOT) -> Slots:
+def slot_layout(user_row: np.ndarray, same: list[np.ndarray] = (), max_g: int = MAX_SLOT) -> Slots:
     """The slot size g that minimises the candidate_scorer's work for these candidates (places scored plus
-    SLOT_COST per slot), and the layout: each user's candidates in order in ceil(n / g) slots of its own."""
+    SLOT_COST per slot), and the layout: each user's candidates in order in ceil(n / g) slots of its own.
+    `same`: candidate columns a slot must not mix (the user's own features, fed once per slot); candidates
+    of one user that differ in them go to separate slots."""
     user_row = np.asarray(user_row, np.int64)
-    if len(user_row) == 0:
+    C = len(user_row)
+    if C == 0:
         return Slots.single(user_row)
-    counts = np.bincount(user_row)
+    group = user_row
+    if len(same):
+        first = _first_of(user_row)
+        if not all(np.array_equal(col, col[first[user_row]]) for col in same):  # rare: features vary by row
+            _, group = np.unique(np.column_stack([user_row, *same]), axis=0, return_inverse=True)
+            group = group.reshape(-1).astype(np.int64)
+    counts = np.bincount(group)
     present = counts[counts > 0]
     g_all = np.arange(1, max_g + 1)
     n_slots = np.ceil(present[None, :] / g_all[:, None]).sum(axis=1)
     g = int(g_all[np.argmin(n_slots * g_all + SLOT_COST * n_slots)])
     if g == 1:
         return Slots.single(user_row)
-    per_user = (counts + g - 1) // g
-    first_slot = np.cumsum(per_user) - per_user
+    per_group = (counts + g - 1) // g
+    first_slot = np.cumsum(per_group) - per_group
     first_cand = np.cumsum(counts) - counts
-    order = np.argsort(user_row, kind="stable")
-    users = user_row[order]
+    order = np.argsort(group, kind="stable")
+    groups = group[order]
     position = np.empty_like(user_row)
-    position[order] = first_slot[users] * g + np.arange(len(users)) - first_cand[users]
-    return Slots(g, np.repeat(np.arange(len(counts)), per_user), position)
+    position[order] = first_slot[groups] * g + np.arange(C) - first_cand[groups]
+    member = _first_of(group)[np.repeat(np.arange(len(counts)), per_group)]
+    return Slots(g, user_row[member], position, member)
+
+
+def _first_of(ids: np.ndarray) -> np.ndarray:
+    """For each id 0..max, the first row holding it (-1 where none does)."""
+    present, index = np.unique(ids, return_index=True)
+    first = np.full(int(ids.max()) + 1, -1, np.int64)
+    first[present] = index
+    return first
 
 
 def candidate_feeds(

@@ -79,6 +79,10 @@ class OrtBackend:
             (i.name, key_of.get(i.name, batch_key(i.name)), NUMPY_DTYPES.get(i.type, np.float32))
             for i in self.cand.get_inputs()
         ]
+        # the user's own features, fed once per slot: the inputs whose axis 0 the graph names "slots"
+        self.per_slot = {
+            i.name for i in self.cand.get_inputs() if i.name != "user_row" and i.shape and i.shape[0] == "slots"
+        }
         outs = [o.name for o in self.cand.get_outputs()]
         if "ctr" not in outs:
             raise DmrxError(f"{files['candidate_scorer']}: no 'ctr' output (has {outs})")
@@ -94,24 +98,29 @@ class OrtBackend:
                 raise DmrxError(f"{self.files['user_encoder']}: input {name} is not a history column")
             feeds[name] = np.ascontiguousarray(src[key], dtype=dt)
         user = dict(zip(self.user_out, self.user.run(None, feeds), strict=False))
-        slots = slot_layout(work.user_row) if self.slots else Slots.single(work.user_row)
-        user_feeds, cand_feeds = {}, {}
+        for name, key, _ in self.cand_in:
+            if not name.startswith(USER_PREFIX) and name != "user_row" and key not in work.cand:
+                raise DmrxError(f"{self.files['candidate_scorer']}: input {name} is not a candidate column")
+        if self.slots:
+            same = [work.cand[k] for name, k, _ in self.cand_in if name in self.per_slot]
+            slots = slot_layout(work.user_row, same)
+        else:
+            slots = Slots.single(work.user_row)
+        user_feeds, slot_feeds, cand_feeds = {}, {"user_row": slots.user_row}, {}
         for name, key, dt in self.cand_in:
             if name.startswith(USER_PREFIX):
                 user_feeds[name] = np.ascontiguousarray(user[name[len(USER_PREFIX) :]], dtype=dt)
-            elif name == "user_row":
-                continue
-            elif key in work.cand:
+            elif name in self.per_slot:
+                slot_feeds[name] = slots.per_slot(np.ascontiguousarray(work.cand[key], dtype=dt))
+            elif name != "user_row":
                 cand_feeds[name] = slots.spread(np.ascontiguousarray(work.cand[key], dtype=dt))
-            else:
-                raise DmrxError(f"{self.files['candidate_scorer']}: input {name} is not a candidate column")
         g, n = slots.g, len(slots.user_row)
         step = max(1, self.block // g) if self.block else n
         out = [
             self.cand.run(
                 ["ctr"],
                 user_feeds
-                | {"user_row": slots.user_row[a : a + step]}
+                | {k: v[a : a + step] for k, v in slot_feeds.items()}
                 | {k: v[a * g : (a + step) * g] for k, v in cand_feeds.items()},
             )[0]
             for a in range(0, n, step)
