@@ -296,6 +296,115 @@ def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
     return done
 
 
+def _drop_requantization(model: onnx.ModelProto) -> int:
+    """Gather(INT8 table) -> DQ -> Q -> DQ -> float readers becomes Gather -> DQ -> readers: the second
+    pair re-rounds rows already on an INT8 grid (the quantizer gives a Gather's output its table's scale,
+    so the CTRs do not change). Returns the number of pairs dropped."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    outputs = {v.name for v in g.output}
+    drop, rename = set(), {}
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] not in producer:
+            continue
+        dq1 = producer[q.input[0]]
+        if (
+            dq1.op_type != "DequantizeLinear"
+            or dq1.input[0] not in producer
+            or producer[dq1.input[0]].op_type != "Gather"
+        ):
+            continue
+        dq2s = readers.get(q.output[0], [])
+        if len(dq2s) != 1 or dq2s[0].op_type != "DequantizeLinear" or dq2s[0].output[0] in outputs:
+            continue
+        if any(n.op_type in ("MatMul", "Gemm") for n in readers.get(dq2s[0].output[0], [])):
+            continue  # the pair feeds an integer matmul's activation
+        drop.update({id(q), id(dq2s[0])})
+        rename[dq2s[0].output[0]] = dq1.output[0]
+    if not drop:
+        return 0
+    nodes = [n for n in g.node if id(n) not in drop]
+    for n in nodes:
+        for j, x in enumerate(n.input):
+            n.input[j] = rename.get(x, x)
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(rename)
+
+
+def _integer_matmuls(model: onnx.ModelProto) -> int:
+    """Q(x) -> DQ -> MatMul <- DQ(W) [-> Add(bias)] as QuantizeLinear to uint8 (zero point 128) ->
+    com.microsoft MatMulIntegerToFloat(W, bias): ONNX Runtime's u8 x s8 kernel, as its QDQ fusion runs it,
+    with the bias added in the kernel's output pass. Same numbers: a symmetric INT8 value v is the uint8
+    v + 128 with zero point 128. Returns the number of matmuls rewritten."""
+    from onnx import helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    outputs = {v.name for v in g.output}
+
+    def const(name: str) -> bool:
+        return name in inits
+
+    drop, replace = set(), {}
+    for mm in g.node:
+        if mm.op_type != "MatMul" or mm.input[0] not in producer or mm.input[1] not in producer:
+            continue
+        dq_a, dq_w = producer[mm.input[0]], producer[mm.input[1]]
+        q = producer.get(dq_a.input[0])
+        if dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear" or q is None:
+            continue
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3 or not all(map(const, [*q.input[1:], *dq_w.input])):
+            continue
+        if len(readers[q.output[0]]) != 1 or len(readers[dq_a.output[0]]) != 1 or len(readers[dq_w.output[0]]) != 1:
+            continue
+        if inits[q.input[2]].data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(inits[q.input[2]]).any():
+            continue  # symmetric INT8 activations only
+        out, bias = mm.output[0], []
+        after = readers.get(out, [])
+        if len(after) == 1 and after[0].op_type == "Add" and out not in outputs:
+            add = after[0]
+            other = add.input[1] if add.input[0] == out else add.input[0]
+            if const(other) and len(inits[other].dims) == 1:
+                bias, out = [other], add.output[0]
+                drop.add(id(add))
+        zp = q.output[0] + "__u8zp"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(128, np.uint8), zp))
+        q_u8 = helper.make_node(
+            "QuantizeLinear", [q.input[0], q.input[1], zp], [q.output[0] + "__u8"], name=q.name + "__u8"
+        )
+        fused = helper.make_node(
+            "MatMulIntegerToFloat",
+            [q_u8.output[0], dq_w.input[0], q.input[1], dq_w.input[1], zp, dq_w.input[2], *bias],
+            [out],
+            name=mm.name + "__integer",
+            domain="com.microsoft",
+        )
+        drop.update({id(q), id(dq_a), id(dq_w)})
+        replace[id(mm)] = [q_u8, fused]
+    if not replace:
+        return 0
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replace)
+
+
 def quantize(
     fp32_path: Path,
     out_path: Path,
@@ -381,6 +490,10 @@ def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path) -> dict:
       The export's INT8 gates check this graph on held-out rows like the Q/DQ one.
     - Stored as `for_cpu` lays it out (INT8 Gathers, DQ -> MatMul), so loading skips that rewrite; the
       ONNX-TensorRT parser does not take INT8 Gathers, which is why the Q/DQ graph stays for TensorRT.
+    - Each quantized matmul as the integer kernel ONNX Runtime would pick, with its bias inside
+      (`_integer_matmuls`): ONNX Runtime's own fusion left the bias as an Add, a pass over every output.
+    - Gathered INT8 embedding rows are dequantized once, not rounded again to an activation scale on
+      their way to float ops (`_drop_requantization`): one Q/DQ pass fewer per table, closer to FP32.
     """
     from onnx import helper
 
@@ -416,6 +529,8 @@ def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path) -> dict:
         n.input[1] = name
         done += 1
     model = for_cpu(model)
+    _drop_requantization(model)
+    fused = _integer_matmuls(model)
     used = {x for n in model.graph.node for x in n.input}
     for t in [t for t in model.graph.initializer if t.name not in used]:
         model.graph.initializer.remove(t)
@@ -423,4 +538,4 @@ def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path) -> dict:
     helper.set_model_props(model, dict([SEVEN_BIT]))
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
-    return {"seven_bit_weights": done, "layout": "for_cpu"}
+    return {"seven_bit_weights": done, "layout": "for_cpu", "integer_matmuls": fused}
