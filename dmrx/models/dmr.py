@@ -363,8 +363,9 @@ class DMR(nn.Module):
 
     def score_candidates(self, user: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The target-dependent part. `user` holds R rows and `batch` R * g candidates: candidates
-        g * i ... g * i + g - 1 belong to user row i (g = 1: rows aligned, as in training). The attention
-        then broadcasts one user's keys to its g candidates instead of reading a copy per candidate."""
+        g * i ... g * i + g - 1 belong to user row i (g = 1: rows aligned, as in training), and the user's
+        own features (the profile keys) come once per user row, [R]. The attention then broadcasts one
+        user's keys to its g candidates instead of reading a copy per candidate."""
         x_t = self._embed(batch, [f"target/{f}" for f in self.spec.target])
         parts = [x_t]
         if self.spec.context:
@@ -435,7 +436,8 @@ class DMR(nn.Module):
     def score_grouped(self, user: dict[str, Tensor], user_row: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Candidates of many users: `user` holds one row per user (from encode_user); `user_row` [R] says
         which of those rows each slot of g = B / R consecutive candidates belongs to (R = B: one candidate
-        per slot). The history is encoded once per user, not per candidate."""
+        per slot), and the batch's profile keys hold one row per slot. The history is encoded once per
+        user, not per candidate."""
         return self.score_candidates({k: v.index_select(0, user_row) for k, v in user.items()}, batch)
 
     def forward(
