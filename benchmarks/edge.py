@@ -64,8 +64,10 @@ def ensure_export(run: Path, data: Path, force: bool) -> float | None:
 
     exp = run / "export"
     if not force and export_bundle.is_export(exp):
-        names = export_bundle.read(exp)["files"]
-        if all(export_bundle.graph_name(g, p) in names for g in export_bundle.SPLIT_GRAPHS for p in ("fp16", CPU_INT8)):
+        manifest = export_bundle.read(exp)
+        wanted = [export_bundle.graph_name(g, p) for g in export_bundle.SPLIT_GRAPHS for p in ("fp16", CPU_INT8)]
+        have = all(name in manifest["files"] for name in wanted)
+        if have and manifest["version"] == export_bundle.VERSION:  # an older format is exported again
             return None
     from dmrx.export.pipeline import ExportOptions, export_run
 
