@@ -366,7 +366,9 @@ def _quantize(b, gs: GraphSpec, encoder, paths, tmp: Path, calib: Path, rows: in
         res["rows"] = rows
         info["graphs"][graph] = res
         paths[CPU_INT8][graph] = tmp / export_bundle.graph_name(graph, CPU_INT8)
-        res["cpu_flavour"] = int8_mod.cpu_flavour(paths["int8"][graph], src, paths[CPU_INT8][graph])
+        ranges = int8_mod.attention_ranges(src, reader)
+        res["cpu_flavour"] = int8_mod.cpu_flavour(paths["int8"][graph], src, paths[CPU_INT8][graph], ranges)
+        res["cpu_flavour"]["attention_ranges"] = ranges
     return info
 
 

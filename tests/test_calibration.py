@@ -136,3 +136,47 @@ def test_select_nodes_keeps_the_final_logit_and_the_scorer_vectors_out(graphs):
 def test_unknown_calibration_path_in_cache_key(tmp_path):
     with pytest.raises(FileNotFoundError):
         cache_key("w", "g", "minmax", Path(tmp_path / "nope.h5"), 1, "ranking")
+
+
+def test_attention_core_in_8_bits_matches_tanh():
+    """Add(keys, query) -> Tanh -> MatMul(z) rewritten as QLinearAdd, QLinearSigmoid (tanh = 2 sigmoid(2h) - 1)
+    and an integer matmul whose bias carries the -1: the scores within a few quantization steps of float."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    S, g, T, h = 3, 5, 7, 16
+    k = rng.normal(0, 1.0, (S, 1, T, h)).astype(np.float32)
+    q = rng.normal(0, 0.5, (S, g, 1, h)).astype(np.float32)
+    z = rng.normal(0, 0.3, (h, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["k", "q"], ["a"], name="core"),
+            helper.make_node("Tanh", ["a"], ["t"]),
+            helper.make_node("MatMul", ["t", "z"], ["y"]),
+        ],
+        "core",
+        [
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [S, 1, T, h]),
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, [S, g, 1, h]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [S, g, T, 1])],
+        [numpy_helper.from_array(z, "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    want = np.tanh(k + q) @ z
+    ranges = {"core": [float(np.abs(k).max()), float(np.abs(q).max()), float(np.abs(k + q).max())]}
+    assert int8._quantize_attention_cores(model, ranges) == 1
+    assert {n.op_type for n in model.graph.node} == {
+        "QuantizeLinear",
+        "QLinearAdd",
+        "QLinearSigmoid",
+        "MatMulIntegerToFloat",
+    }
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"k": k, "q": q}
+    )[0]
+    # error budget: h rounded to range/127 (tanh' <= 1), sigmoid to 1/255 (x2), z to 7 bits, summed over h
+    step = ranges["core"][2] / 127 + 2 / 255
+    assert np.abs(got - want).max() <= step * np.abs(z).sum()
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.999
