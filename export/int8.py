@@ -616,9 +616,9 @@ def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path, attention: dict
     - Gathered INT8 embedding rows are dequantized once, not rounded again to an activation scale on
       their way to float ops (`_drop_requantization`): one Q/DQ pass fewer per table, closer to FP32.
     - `attention`: calibrated ranges of the Item-to-Item attention core (`attention_ranges`), which then
-      runs in 8 bits (`_quantize_attention_cores`): the add, tanh and z product over [g, T, h] per slot
-      were ~40% of this graph's time in float and the one cost INT8 did not cut. The export's INT8 gates
-      check the result like the rest.
+      runs in 8 bits (`_quantize_attention_cores`): in float, the add, tanh and z product over [g, T, h]
+      per slot are ~40% of this graph's time and the one cost the other INT8 layers leave. The export's
+      INT8 gates check the result like the rest.
     """
     from onnx import helper
 
