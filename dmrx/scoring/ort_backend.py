@@ -2,10 +2,11 @@
 
 The candidate side takes a batch in slots (dmrx.runtime.graphs.slot_layout): a user's candidates in slots
 of g that read one copy of the user's tensors, instead of a gathered copy per candidate ([T, d_e] and
-[T, h] each, a third of the INT8 graph's time at one candidate per slot). On CPU it runs in calls of about CPU_BLOCK
-candidates, so that the [g, T, h] attention intermediates stay in cache. int8 loads the export's CPU
-flavour (*.int8-cpu.onnx: 7-bit weights, laid out for ONNX Runtime's CPU kernels) when it has one, else
-the TensorRT-targeted Q/DQ graphs. Exports before slots (format version 2) take one candidate per slot.
+[T, h] each, a third of the INT8 graph's time at one candidate per slot). On CPU it runs in calls of about
+CPU_BLOCK candidates, so that the [g, T, h] attention intermediates stay in cache. int8 loads the export's
+CPU flavour (*.int8-cpu.onnx: 7-bit weights, laid out for ONNX Runtime's CPU kernels) when it has one,
+else the TensorRT-targeted Q/DQ graphs. Exports before slots (format version 2) take one candidate per
+slot.
 """
 
 from __future__ import annotations
