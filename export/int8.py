@@ -31,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from dmrx.errors import DmrxError
+from dmrx.runtime.onnx_edit import producers, readers, rewrite, use_contrib_ops
 
 QUANT_OPS = ("MatMul", "Gemm", "Gather")
 
@@ -39,7 +40,7 @@ METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percent
 
 def final_logit_node(model: onnx.ModelProto, output: str = "logit") -> str | None:
     """The last MatMul/Gemm on the path to the logit output."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     seen, stack = set(), [output]
     while stack:
         name = stack.pop()
@@ -98,7 +99,7 @@ def select_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     exact (quantized on their own they cost the tiny test model 0.0015 of AUC)."""
     inits = {t.name: t for t in model.graph.initializer}
     exclude = [n for n in [final_logit_node(model)] if n]
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     quant = []
     for n in model.graph.node:
         if n.name in exclude:
@@ -120,7 +121,7 @@ def weight_only_nodes(model: onnx.ModelProto) -> list[str]:
     so these get INT8 weights (DQ on the weight only) and keep FP32 activations. With the MLP input's
     batch norm (the default) the layer reads normalised features instead and is quantized in full."""
     inits = {t.name for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     final = final_logit_node(model)
     return [
         n.name
@@ -152,11 +153,7 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
     _unround_outputs(model)
     init_of = {t.name: t for t in model.graph.initializer}
     inits = set(init_of)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    producer, consumers = producers(model.graph), readers(model.graph)
     outputs = {v.name for v in model.graph.output}
 
     def quantized_matmul(n: onnx.NodeProto, x: str) -> bool:
@@ -173,13 +170,13 @@ def dedicate_activation_qdq(model: onnx.ModelProto) -> int:
         dqs = [d for d in consumers.get(q.output[0], []) if d.op_type == "DequantizeLinear"]
         if len(dqs) != len(consumers.get(q.output[0], [])):
             continue
-        readers = [(d, u) for d in dqs for u in consumers.get(d.output[0], [])]
-        mms = [(d, u) for d, u in readers if quantized_matmul(u, d.output[0])]
+        pairs = [(d, u) for d in dqs for u in consumers.get(d.output[0], [])]
+        mms = [(d, u) for d, u in pairs if quantized_matmul(u, d.output[0])]
         if not mms or any(d.output[0] in outputs for d in dqs):
             continue
-        if len(mms) == len(readers) == 1:
+        if len(mms) == len(pairs) == 1:
             continue
-        for d, u in readers:
+        for d, u in pairs:
             if (d, u) in mms:
                 continue
             for j, x in enumerate(u.input):
@@ -234,7 +231,7 @@ def _unround_outputs(model: onnx.ModelProto) -> None:
     """Graph outputs produced by Q -> DQ of a computed tensor become that tensor itself (see
     dedicate_activation_qdq); the DQ keeps serving the tensor's other readers under a new name."""
     outputs = {v.name for v in model.graph.output}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph)
     inits = {t.name for t in model.graph.initializer}
     for dq in list(model.graph.node):
         if dq.op_type != "DequantizeLinear" or dq.output[0] not in outputs:
@@ -299,18 +296,15 @@ def add_weight_only(model: onnx.ModelProto, names: list[str]) -> int:
 def attention_cores(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto]]:
     """The Item-to-Item attention cores of a graph: Add(keys, query) -> Tanh -> MatMul(z, one column)."""
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    reads = readers(model.graph)
     cores = []
     for add in model.graph.node:
         if add.op_type != "Add" or any(x in inits for x in add.input):
             continue
-        tanh = readers.get(add.output[0], [])
+        tanh = reads.get(add.output[0], [])
         if len(tanh) != 1 or tanh[0].op_type != "Tanh":
             continue
-        mm = readers.get(tanh[0].output[0], [])
+        mm = reads.get(tanh[0].output[0], [])
         if len(mm) == 1 and mm[0].op_type == "MatMul" and mm[0].input[1] in inits and _one_column(mm[0], inits):
             cores.append((add, tanh[0], mm[0]))
     return cores
@@ -404,16 +398,9 @@ def _quantize_attention_cores(model: onnx.ModelProto, ranges: dict[str, list[flo
         ]
         replace[id(add)] = nodes
         drop.update({id(tanh), id(mm)})
-    if not replace:
-        return 0
-    out = []
-    for n in model.graph.node:
-        if id(n) not in drop:
-            out.extend(replace.get(id(n), [n]))
-    del model.graph.node[:]
-    model.graph.node.extend(out)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if replace:
+        rewrite(model.graph, drop, replace)
+        use_contrib_ops(model)
     return len(replace)
 
 
@@ -422,11 +409,7 @@ def _drop_requantization(model: onnx.ModelProto) -> int:
     pair re-rounds rows already on an INT8 grid (the quantizer gives a Gather's output its table's scale,
     so the CTRs do not change). Returns the number of pairs dropped."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    producer, reads = producers(g), readers(g)
     outputs = {v.name for v in g.output}
     drop, rename = set(), {}
     for q in g.node:
@@ -439,21 +422,17 @@ def _drop_requantization(model: onnx.ModelProto) -> int:
             or producer[dq1.input[0]].op_type != "Gather"
         ):
             continue
-        dq2s = readers.get(q.output[0], [])
+        dq2s = reads.get(q.output[0], [])
         if len(dq2s) != 1 or dq2s[0].op_type != "DequantizeLinear" or dq2s[0].output[0] in outputs:
             continue
-        if any(n.op_type in ("MatMul", "Gemm") for n in readers.get(dq2s[0].output[0], [])):
+        if any(n.op_type in ("MatMul", "Gemm") for n in reads.get(dq2s[0].output[0], [])):
             continue  # the pair feeds an integer matmul's activation
         drop.update({id(q), id(dq2s[0])})
         rename[dq2s[0].output[0]] = dq1.output[0]
-    if not drop:
-        return 0
-    nodes = [n for n in g.node if id(n) not in drop]
-    for n in nodes:
+    rewrite(g, drop, {})
+    for n in g.node:
         for j, x in enumerate(n.input):
             n.input[j] = rename.get(x, x)
-    del g.node[:]
-    g.node.extend(nodes)
     return len(rename)
 
 
@@ -466,11 +445,7 @@ def _integer_matmuls(model: onnx.ModelProto) -> int:
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    producer, reads = producers(g), readers(g)
     outputs = {v.name for v in g.output}
 
     def const(name: str) -> bool:
@@ -486,12 +461,12 @@ def _integer_matmuls(model: onnx.ModelProto) -> int:
             continue
         if q.op_type != "QuantizeLinear" or len(q.input) < 3 or not all(map(const, [*q.input[1:], *dq_w.input])):
             continue
-        if len(readers[q.output[0]]) != 1 or len(readers[dq_a.output[0]]) != 1 or len(readers[dq_w.output[0]]) != 1:
+        if any(len(reads[x.output[0]]) != 1 for x in (q, dq_a, dq_w)):
             continue
         if inits[q.input[2]].data_type != onnx.TensorProto.INT8 or numpy_helper.to_array(inits[q.input[2]]).any():
             continue  # symmetric INT8 activations only
         out, bias = mm.output[0], []
-        after = readers.get(out, [])
+        after = reads.get(out, [])
         if len(after) == 1 and after[0].op_type == "Add" and out not in outputs:
             add = after[0]
             other = add.input[1] if add.input[0] == out else add.input[0]
@@ -512,17 +487,9 @@ def _integer_matmuls(model: onnx.ModelProto) -> int:
         )
         drop.update({id(q), id(dq_a), id(dq_w)})
         replace[id(mm)] = [q_u8, fused]
-    if not replace:
-        return 0
-    nodes = []
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        nodes.extend(replace.get(id(n), [n]))
-    del g.node[:]
-    g.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if replace:
+        rewrite(g, drop, replace)
+        use_contrib_ops(model)
     return len(replace)
 
 
@@ -627,15 +594,12 @@ def cpu_flavour(qdq_path: Path, fp32_path: Path, out_path: Path, attention: dict
     model = onnx.load(str(qdq_path))
     floats = {t.name: t for t in onnx.load(str(fp32_path)).graph.initializer}
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    reads = readers(model.graph)
     done = 0
     for n in model.graph.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits or n.input[1] not in inits:
             continue
-        users = readers.get(n.output[0], [])
+        users = reads.get(n.output[0], [])
         if not users or any(u.op_type not in ("MatMul", "Gemm") or u.input[1] != n.output[0] for u in users):
             continue  # not a matmul weight (an embedding table, an activation)
         q, scale = inits[n.input[0]], inits[n.input[1]]

@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dmrx.runtime.onnx_edit import readers
+
 TRT_DOC_VERSION = "10.15"
 OPSET_MIN, OPSET_MAX = 9, 24
 
@@ -139,10 +141,7 @@ def lint(model: onnx.ModelProto | str | Path) -> LintReport:
             elem.setdefault(v.name, v.type.tensor_type.elem_type)
     except Exception as e:  # noqa: BLE001 -- a model shape inference rejects is a lint finding, not a crash
         rep.problems.append(f"shape inference failed: {e.__class__.__name__}")
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
+    consumers = readers(g)
     graph_outputs = {o.name for o in g.output}
     for v in list(g.input) + list(g.output):
         t = v.type.tensor_type.elem_type

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from dmrx.data.features import flat_name
 from dmrx.errors import DmrxError
+from dmrx.runtime.onnx_edit import producers, readers, rewrite
 
 # Inputs are named after the batch keys with "/" written "__" ("hist/item" -> "hist__item"): "/" is not a
 # valid name everywhere ONNX names travel (TensorRT engine bindings, some runtimes' C identifiers).
@@ -51,13 +52,11 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
     consumers apply this at load (`session` does)."""
     from onnx import helper
 
-    g = model.graph
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
-    producer = {o: n for n in g.node for o in n.output}
+    consumers, producer = readers(g), producers(g)
     drop, replace, folded = set(), {}, []
     for n in g.node:
         if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
@@ -124,17 +123,9 @@ def for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
             replace[id(u)] = [gather, dq]
     if not drop:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = []
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        nodes.extend(replace.get(id(n), [n]))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    out.graph.initializer.extend(folded)
-    used = {x for n in nodes for x in n.input}
+    rewrite(g, drop, replace)
+    g.initializer.extend(folded)
+    used = {x for n in g.node for x in n.input}
     for t in [t for t in out.graph.initializer if t.name not in used]:
         out.graph.initializer.remove(t)
     return out
