@@ -156,8 +156,7 @@ def parity(model: DMR, gs: GraphSpec, paths: dict[str, Path], rows: dict[str, np
             d_split = max(d_split, float(np.abs(got_g["ctr"] - ref_g["ctr"]).max()))
             # and the same candidates laid out in slots of g per user, as the scoring backend feeds them
             slots = slot_layout(user_row, [np.asarray(b[k]) for k in gs.slot_keys])
-            laid = {k: (slots.per_slot if k in gs.slot_keys else slots.spread)(np.asarray(b[k])) for k in gs.cand_keys}
-            got_s = cand.run(["ctr"], candidate_feeds(user_out, slots.user_row, laid, gs))[0]
+            got_s = cand.run(["ctr"], candidate_feeds(user_out, slots.user_row, slots.lay_out(b, gs), gs))[0]
             d_split = max(d_split, float(np.abs(slots.collect(got_s) - ref_g["ctr"]).max()))
             if "u" in user_out:
                 with torch.inference_mode():

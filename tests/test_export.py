@@ -122,8 +122,7 @@ def test_candidates_in_slots_score_as_one_per_user_row(exported, tiny_run, tiny_
     enc = ort.InferenceSession(str(exported / "user_encoder.onnx"), providers=["CPUExecutionProvider"])
     cand = ort.InferenceSession(str(exported / "candidate_scorer.onnx"), providers=["CPUExecutionProvider"])
     user = dict(zip(gs.user_outputs, enc.run(None, to_feeds(users, gs, "user_encoder")), strict=False))
-    laid = {k: (slots.per_slot if k in gs.slot_keys else slots.spread)(batch[k]) for k in gs.cand_keys}
-    out = cand.run(None, candidate_feeds(user, slots.user_row, laid, gs))
+    out = cand.run(None, candidate_feeds(user, slots.user_row, slots.lay_out(batch, gs), gs))
     got = {k: slots.collect(v) for k, v in zip(gs.score_outputs, out, strict=False)}
     ref = G.torch_grouped(b.model, users, user_row, {k: batch[k] for k in gs.cand_keys})
     for k in ("ctr", "r", "r_hat"):

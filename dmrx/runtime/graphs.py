@@ -118,6 +118,10 @@ class Slots:
         """A column of the user's own features [C] as the slots take it [S]."""
         return col if self.g == 1 else col[self.member]
 
+    def lay_out(self, batch: dict[str, np.ndarray], gs: GraphSpec) -> dict[str, np.ndarray]:
+        """The candidate columns of `batch` as the candidate_scorer takes them in these slots."""
+        return {k: (self.per_slot if k in gs.slot_keys else self.spread)(np.asarray(batch[k])) for k in gs.cand_keys}
+
     def collect(self, scores: np.ndarray) -> np.ndarray:
         """Per-place outputs [S * g] back in candidate order [C]."""
         return scores if self.g == 1 else scores[self.position]
