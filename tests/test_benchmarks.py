@@ -39,23 +39,16 @@ def test_gpu_check_dry_run_on_cpu_passes_every_check(tmp_path):
     assert {"score torch fp16", "score torch bf16", "peak CUDA memory allocated"} <= skipped
 
 
+def _quality_args(tmp_path: Path, results: Path) -> list[str]:
+    """benchmarks/quality.py at the smallest size: one seed of the LR baseline, one epoch, 300 users."""
+    data = str(tmp_path / "data")
+    size = ["--users", "300", "--seeds", "1", "--epochs", "1", "--variants", "lr"]
+    return [*size, "--json", "--data-dir", data, "--results", str(results)]
+
+
 def test_quality_results_file_reuses_finished_runs(tmp_path):
     results = tmp_path / "runs.jsonl"
-    args = [
-        "--users",
-        "300",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--variants",
-        "lr",
-        "--json",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--results",
-        str(results),
-    ]
+    args = _quality_args(tmp_path, results)
     first = _run("quality.py", *args)
     assert first.returncode == 0, first.stderr[-2000:]
     assert len(results.read_text().splitlines()) == 1
@@ -70,23 +63,7 @@ def test_quality_results_file_reuses_finished_runs(tmp_path):
 
 def test_quality_synthetic_overrides_shape_the_data_and_the_key(tmp_path):
     results = tmp_path / "runs.jsonl"
-    args = [
-        "--users",
-        "300",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--variants",
-        "lr",
-        "--json",
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--results",
-        str(results),
-        "--synthetic",
-        '{"cates": 7}',
-    ]
+    args = [*_quality_args(tmp_path, results), "--synthetic", '{"cates": 7}']
     p = _run("quality.py", *args)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(results.read_text())["key"]["synthetic"] == {"cates": 7}
