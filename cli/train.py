@@ -95,6 +95,8 @@ def train(
     with progress(enabled=not json_out) as start:
         summary = run_training(data, valid, run_dir, model_cfg, train_cfg, resume=resume, progress=start)
     summary["run"] = str(run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun every rank has the same summary: rank 0 reports it, so --json stays one document
     if json_out:
         print_json(summary)
     else:

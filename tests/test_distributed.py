@@ -38,7 +38,7 @@ def _single_and_two_ranks(tiny_data, tmp_path, batch_size: int, epochs: int, tim
         "--json",
     ]
     _run([sys.executable, "-m", "dmrx", *args, "--out", str(tmp_path / "single")], tmp_path, timeout)
-    _run(
+    return _run(
         [
             sys.executable,
             "-m",
@@ -58,9 +58,10 @@ def _single_and_two_ranks(tiny_data, tmp_path, batch_size: int, epochs: int, tim
 
 
 def test_two_gloo_ranks_match_one_process(tiny_data, tmp_path):
-    _single_and_two_ranks(tiny_data, tmp_path, batch_size=128, epochs=2)
+    res = _single_and_two_ranks(tiny_data, tmp_path, batch_size=128, epochs=2)
     single = json.loads((tmp_path / "single" / "summary.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert json.loads(res.stdout) == {**ddp, "run": str(tmp_path / "ddp")}  # rank 0 alone prints, one document
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     assert ddp["steps"] == single["steps"] and ddp["examples"] == single["examples"]
     assert abs(ddp["best_val_auc"] - single["best_val_auc"]) <= 0.01
@@ -103,6 +104,30 @@ def test_a_last_batch_smaller_than_the_ranks_neither_hangs_nor_diverges(tiny_dat
     # Adam's first steps move a row by about the learning rate whatever its gradient's size, so the
     # rounding differences of a split batch show in rarely seen embedding rows at a few 1e-3
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-2
+
+
+_CLOSE = """
+import os, torch
+from dmrx.training.distributed import setup
+
+d = setup(torch.device("cpu"))
+import torch._dynamo  # what the first optimizer step imports, after the group exists
+d.close()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sorted(n for n in names if "gloo" in n))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_close_leaves_no_gloo_threads(tmp_path):
+    """Gloo threads that outlive the group die with the interpreter, which now and then aborts a run
+    that has finished and written its bundle (SIGABRT at exit, torchrun reports the job failed)."""
+    script = tmp_path / "close.py"
+    script.write_text(_CLOSE)
+    res = _run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)], tmp_path
+    )
+    assert res.stdout.split() == ["[]", "[]"]
 
 
 def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch):

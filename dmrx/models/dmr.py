@@ -198,6 +198,23 @@ class DinAttention(nn.Module):
         return self.l3(torch.sigmoid(self.l2(h))).squeeze(-1)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient is summed the same way. torch's
+    torch.distributed.nn.functional.all_reduce is deprecated and the replacement it names is private."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
 def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
     """Batch norm in training over the global batch of all ranks (each holds a slice of it), so a
     distributed run normalises, and trains, as one process would. torch's SyncBatchNorm does this on
@@ -206,10 +223,8 @@ def _global_batch_norm(x: Tensor, bn: nn.BatchNorm1d) -> Tensor:
     Every rank calls this at every step, a rank with no rows too (its sums are zeros): the all-reduce is a
     collective. A global batch of one row has no statistics: like one process, it takes the running ones,
     chosen on the device (torch.where) so that no step waits for the row count."""
-    from torch.distributed.nn.functional import all_reduce
-
     d = x.shape[1]
-    stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])]))
+    stats = _AllReduceSum.apply(torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])]))
     n = stats[-1]
     one = n <= 1
     mean = stats[:d] / n.clamp_min(1.0)

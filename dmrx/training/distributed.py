@@ -13,6 +13,7 @@ pairs, summed by coalescing. Both work on NCCL and gloo.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -100,7 +101,8 @@ class Dist:
         dist.all_gather(vals, val_p)
         keep_i = torch.cat([i[: int(s.item())] for i, s in zip(idxs, sizes, strict=True)])
         keep_v = torch.cat([v[: int(s.item())] for v, s in zip(vals, sizes, strict=True)]) / self.world
-        return torch.sparse_coo_tensor(keep_i.unsqueeze(0), keep_v, p.shape).coalesce()
+        # the indices are rows of p by construction
+        return torch.sparse_coo_tensor(keep_i.unsqueeze(0), keep_v, p.shape, check_invariants=False).coalesce()
 
     def close(self) -> None:
         if self.active and dist.is_initialized():
@@ -122,6 +124,12 @@ def setup(device: torch.device) -> Dist:
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+    # torch.distributed.nn.functional binds the default group into its functions' default arguments when
+    # first imported, and torch imports it lazily (with torch._dynamo, at the first optimizer step).
+    # Imported after init_process_group, it keeps the group and its gloo threads alive past
+    # destroy_process_group; tearing them down with the interpreter now and then aborts a finished run.
+    importlib.import_module("torch.distributed.nn.functional")
+
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), device)
