@@ -187,6 +187,13 @@ def test_batches_match_naive_reference(
             if shuffle:  # the same seed and epoch repeat exactly
                 again = [b["context/row"] for b in d.batches(**kw)]
                 assert all(np.array_equal(a, r) for a, r in zip(again, seen, strict=True))
+            # distinct histories: each (seq, end) of a batch once, and user_row recovers every example's
+            for full, b in zip(everything, d.batches(**kw, distinct_histories=True), strict=True):
+                rows = b["context/row"]
+                pairs = set(zip(examples["seq"][rows].tolist(), examples["end"][rows].tolist(), strict=True))
+                assert len(b["hist_len"]) == len(pairs) and b["user_row"].shape == rows.shape
+                for k in ("hist_len", *[k for k in full if k.startswith("hist/")]):
+                    np.testing.assert_array_equal(b[k][b["user_row"]], full[k])
     finally:
         shutil.rmtree(tmp)
 

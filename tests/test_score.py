@@ -137,6 +137,27 @@ def test_workers_and_split_give_identical_bytes(run_bundle, tiny_data):
     np.testing.assert_array_equal(whole, again)  # a batch's bytes do not depend on the worker count
 
 
+def test_score_stream_keeps_order_and_reads_ahead_a_bounded_number(run_bundle, tiny_data):
+    batch = raw_batch(run_bundle, tiny_data / "candidates.h5")
+    two = Scorer(run_bundle, backend="torch", threads=2)
+    parts = two.prepare(batch)[0].split(8)
+    assert len(parts) > 2 * two.workers + 1
+    read = []
+
+    def items():
+        for i, p in enumerate(parts):
+            read.append(i)
+            yield p, i
+
+    got = []
+    for tag, scores in two.score_stream(items()):
+        if not got:
+            assert len(read) <= 2 * two.workers + 1  # scoring began before the stream was read to its end
+        got.append((tag, scores))
+    assert [t for t, _ in got] == list(range(len(parts)))
+    np.testing.assert_array_equal(np.concatenate([s for _, s in got]), np.concatenate(list(two.score_works(parts))))
+
+
 def test_grouped_path_equals_reference_path(run_bundle, tiny_data):
     """The rearranged candidate side against model.score_grouped, on uneven groups (1..many per user)."""
     from dmrx.scoring.torch_backend import TorchBackend

@@ -292,6 +292,7 @@ class DataFile:
         chunk_rows: int = 1 << 18,
         keys: list[str] | None = None,
         behavior_fields: list[str] | None = None,
+        distinct_histories: bool = False,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Yield batches in file order, or shuffled (chunk order and rows within a chunk) for an epoch.
 
@@ -300,6 +301,10 @@ class DataFile:
         world-th batch (disjoint across ranks, nothing lost). `keys` picks example columns ("seq" and
         "end" are always read; they are not part of the batch) and `behavior_fields` the histories.
         Arrays of a batch may be views into the chunk it came from: copy before writing into them.
+
+        With `distinct_histories`, a batch holds each distinct history once, as inference wants it:
+        "hist/<field>" and "hist_len" have one row per distinct (seq, end) of the batch, and "user_row" [B]
+        says which of them each example sees.
         """
         rank, world = shard
         if batch_size < 1 or max_len < 1 or not 0 <= rank < world:
@@ -333,6 +338,8 @@ class DataFile:
             cols = self.read_columns(c0, c1, keys)
             seq, end = cols.pop("seq"), cols.pop("end")
             buffer, start, length = self._histories(seq, end, max_len, fields, encoder)
+            if distinct_histories:
+                cols["seq"], cols["end"] = seq, end
             if encoder is not None:
                 cols = {k: (encoder(k, v) if v.dtype == np.int64 else v) for k, v in cols.items()}
             if perm is not None:  # one gather per column and chunk; batches are then slices
@@ -343,7 +350,11 @@ class DataFile:
             for b in mine:
                 rows = slice(b * batch_size, min((b + 1) * batch_size, c1 - c0))
                 batch = {k: v[rows] for k, v in cols.items()}
-                batch.update(_gather(windows, start[rows], fields))
+                hist = start[rows]
+                if distinct_histories:
+                    first, batch["user_row"] = group_rows(batch.pop("seq"), batch.pop("end"))
+                    batch["hist_len"], hist = batch["hist_len"][first], hist[first]
+                batch.update(_gather(windows, hist, fields))
                 yield batch
 
     def n_batches(self, batch_size: int, chunk_rows: int = 1 << 18) -> int:
@@ -370,6 +381,22 @@ def _merged_slices(lo: np.ndarray, hi: np.ndarray) -> tuple[list[tuple[int, int]
     raw = np.empty(len(lo), np.int64)
     raw[order] = c_raw[cluster] + slo - c_lo[cluster]
     return list(zip(c_lo.tolist(), c_hi.tolist(), strict=True)), raw
+
+
+def group_rows(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of the aligned key columns (or of one [B, k] array): (first row of each group [U],
+    group of each row [B])."""
+    if len(keys) == 2 and len(keys[0]):
+        a, b = keys
+        top = int(b.max()) + 1
+        if int(a.max()) < (1 << 62) // max(top, 1):
+            keys = (a * top + b,)
+    if len(keys) == 1 and keys[0].ndim == 1:
+        _, first, inverse = np.unique(keys[0], return_index=True, return_inverse=True)
+    else:
+        rows = keys[0] if len(keys) == 1 else np.column_stack(keys)
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
 
 
 def _gather(windows: np.ndarray, start: np.ndarray, fields: list[str]) -> dict[str, np.ndarray]:

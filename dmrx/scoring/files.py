@@ -1,6 +1,6 @@
 """Scoring whole candidate files (`dmrx score`): streamed in chunks, committed as it goes, resumable.
 
-A background thread reads and encodes the next chunks while the current one is scored; /score is written
+A background thread reads and encodes the next batches while the current ones are scored; /score is written
 in row order to a temporary file and renamed when complete. Progress is committed after every chunk, so an
 interrupted run continues with `resume=True` and ends with the same bytes in /score as an uninterrupted one.
 
@@ -28,13 +28,14 @@ from dmrx import __version__
 from dmrx.artifacts.atomic import atomic_file, check_destination, write_json, writing
 from dmrx.artifacts.hdf5 import h5_writer
 from dmrx.errors import DmrxError, OutputError
-from dmrx.scoring.scorer import Scorer, Work, _count_unknown_hist, group_rows
+from dmrx.scoring.scorer import Scorer, Work, _count_unknown_hist
 from dmrx.scoring.shards import shard_range
 
 SCORES_FORMAT, SCORES_VERSION = "dmrx-scores", 1
 STATE_VERSION = 1
 DEFAULT_BATCH = 4096
 DEFAULT_CHUNK = 1 << 16  # rows per committed chunk (rounded to a multiple of the batch size)
+READ_BATCHES = 4  # batches read from the file at a time
 
 
 def default_output(candidates: Path, shard: tuple[int, int] | None = None) -> Path:
@@ -65,48 +66,45 @@ def _read_state(pdir: Path) -> dict | None:
 
 
 @dataclass
-class _Chunk:
-    start: int
-    stop: int
-    works: list[Work]
-    users: list[np.ndarray]  # raw user column per batch (for counting user runs)
+class _Part:
+    """One batch, read and encoded, and what score_file commits with it."""
+
+    work: Work
+    users: np.ndarray  # the raw user column (for counting user runs)
     unknown: dict[str, int]
+    commit: int | None  # the row its commit chunk ends at, on the chunk's last batch
 
 
-def _chunks(data, scorer: Scorer, lo: int, hi: int, batch_size: int, chunk_rows: int) -> Iterator[_Chunk]:
-    """Read, validate and encode rows [lo, hi) chunk by chunk (this runs in the prefetch thread)."""
+def _parts(data, scorer: Scorer, lo: int, hi: int, batch_size: int, chunk_rows: int) -> Iterator[_Part]:
+    """Read, validate and encode rows [lo, hi) batch by batch (this runs in the prefetch thread). The file is
+    read READ_BATCHES batches at a time, so scoring starts once the first of them are read."""
     spec, enc = scorer.spec, scorer.encoder
     keys = sorted(set(spec.batch_keys()) | {"user"})
     for c0 in range(lo, hi, chunk_rows):
         c1 = min(c0 + chunk_rows, hi)
-        se = data.read_columns(c0, c1, ["seq", "end"])
-        works, users, unknown = [], [], {}
         row = 0
         for batch in data.batches(
             batch_size,
             scorer.max_len,
             row_range=(c0, c1),
-            chunk_rows=chunk_rows,
+            chunk_rows=READ_BATCHES * batch_size,
             encoder=enc,
             keys=keys,
             behavior_fields=list(spec.behaviors),
+            distinct_histories=True,
         ):
-            n = len(batch["user"])
-            first, inverse = group_rows(se["seq"][row : row + n], se["end"][row : row + n])
-            row += n
-            users.append(batch["user"])
-            hist = {k: np.ascontiguousarray(batch[k][first]) for k in scorer.hist_keys}
-            hist_len = np.asarray(batch["hist_len"][first], np.int64)
+            row += len(batch["user"])
+            hist = {k: batch[k] for k in scorer.hist_keys}
+            hist_len = np.asarray(batch["hist_len"], np.int64)
             cand = enc.finish({k: batch[k] for k in keys})
-            for k, v in enc.unknown_counts(cand).items():
-                unknown[k] = unknown.get(k, 0) + v
+            unknown = enc.unknown_counts(cand)
             for k, v in _count_unknown_hist(hist, hist_len).items():
                 unknown[k] = unknown.get(k, 0) + v
             cand = {k: np.ascontiguousarray(cand[k]) for k in scorer.cand_keys + ["user_index"] * spec.use_user_id}
-            works.append(Work(hist, hist_len, inverse, cand))
+            work = Work(hist, hist_len, batch["user_row"], cand)
+            yield _Part(work, batch["user"], unknown, c1 if row == c1 - c0 else None)
         if row != c1 - c0:
             raise DmrxError(f"{data.path}: read {row} rows of chunk {c0}:{c1}")  # a reader bug, not user input
-        yield _Chunk(c0, c1, works, users, unknown)
 
 
 def _field_name(key: str) -> str:
@@ -230,34 +228,33 @@ def score_file(
                 if progress is not None:
                     progress(rows_done, hi - lo)
                 with prefetch(
-                    _chunks(data, scorer, start, hi, batch_size, chunk_rows),
+                    _parts(data, scorer, start, hi, batch_size, chunk_rows),
                     depth=prefetch_depth,
                     name="dmrx-score-read",
-                ) as chunks:
-                    for chunk in chunks:
-                        scores = np.empty(chunk.stop - chunk.start, np.float32)
-                        pos = 0
-                        last = state["last_user"]
-                        results = scorer.score_works(chunk.works)
-                        for work, users, res in zip(chunk.works, chunk.users, results, strict=True):
-                            n = work.n_candidates
-                            scores[pos : pos + n] = res
-                            pos += n
-                            state["histories"] += work.n_users
-                            if n:
-                                runs = int((users[1:] != users[:-1]).sum()) + int(last is None or users[0] != last)
-                                state["user_runs"] += runs
-                                last = int(users[-1])
-                            rows_done += n
-                            if progress is not None:
-                                progress(rows_done, hi - lo)
-                        state["last_user"] = last
-                        for k, v in chunk.unknown.items():
+                ) as parts:
+                    scores: list[np.ndarray] = []
+                    for part, res in scorer.score_stream((p.work, p) for p in parts):
+                        n = part.work.n_candidates
+                        scores.append(res)
+                        state["histories"] += part.work.n_users
+                        if n:
+                            users, last = part.users, state["last_user"]
+                            state["user_runs"] += int((users[1:] != users[:-1]).sum()) + int(
+                                last is None or users[0] != last
+                            )
+                            state["last_user"] = int(users[-1])
+                        for k, v in part.unknown.items():
                             state["unknown"][k] = state["unknown"].get(k, 0) + v
-                        f.write(scores.astype("<f4", copy=False).tobytes())
+                        rows_done += n
+                        if progress is not None:
+                            progress(rows_done, hi - lo)
+                        if part.commit is None:
+                            continue
+                        f.write(np.concatenate(scores).astype("<f4", copy=False).tobytes())
                         f.flush()
                         os.fsync(f.fileno())
-                        state["committed_rows"] = chunk.stop - lo
+                        scores = []
+                        state["committed_rows"] = part.commit - lo
                         _write_state(pdir, state)
                         if on_commit is not None:
                             on_commit(state["committed_rows"])

@@ -22,7 +22,7 @@ from dmrx.artifacts.atomic import atomic_file
 from dmrx.data.arrow import check_schema, pyarrow_modules, to_columns
 from dmrx.errors import DmrxError
 from dmrx.scoring.files import DEFAULT_BATCH, _field_name, _fingerprint, output_attrs
-from dmrx.scoring.scorer import Scorer
+from dmrx.scoring.scorer import Scorer, Work
 
 
 def default_output(candidates: Path) -> Path:
@@ -73,9 +73,9 @@ def score_parquet(
     source = _fingerprint(candidates, n)  # before reading: the input the scores belong to
     t_ready = time.perf_counter()
 
-    def works() -> Iterator[list]:
-        """Groups of prepared batches, as many as the scorer runs at once (in the prefetch thread)."""
-        group, start = [], 0
+    def works() -> Iterator[tuple[Work, tuple]]:
+        """Prepared batches, with their unknown-id counts and user column (in the prefetch thread)."""
+        start = 0
         for batch in pf.iter_batches(batch_size=batch_size, columns=sorted(set(columns.values()))):
             where = f"{candidates} rows {start}:{start + batch.num_rows}"
             try:
@@ -83,13 +83,8 @@ def score_parquet(
             except DmrxError as e:  # Scorer names the column and the row within the batch
                 msg = str(e)
                 raise DmrxError(msg if msg.startswith(str(candidates)) else f"{where}: {msg}") from None
-            group.append((work, unknown, np.asarray(batch.column(columns["user"]))))
+            yield work, (work, unknown, np.asarray(batch.column(columns["user"])))
             start += batch.num_rows
-            if len(group) >= scorer.workers:
-                yield group
-                group = []
-        if group:
-            yield group
 
     unknown_total: dict[str, int] = {}
     user_runs, encodings, done, last = 0, 0, 0, None
@@ -99,23 +94,19 @@ def score_parquet(
             if progress is not None:
                 progress(0, n)
             if n:
-                with prefetch(works(), depth=prefetch_depth, name="dmrx-score-parquet") as groups:
-                    for group in groups:
-                        results = scorer.score_works([w for w, _, _ in group])
-                        for (work, unknown, users), scores in zip(group, results, strict=True):
-                            m = work.n_candidates
-                            ds[done : done + m] = scores
-                            done += m
-                            encodings += work.n_users
-                            for k, v in unknown.items():
-                                unknown_total[k] = unknown_total.get(k, 0) + v
-                            if m:
-                                user_runs += int((users[1:] != users[:-1]).sum()) + int(
-                                    last is None or users[0] != last
-                                )
-                                last = int(users[-1])
-                            if progress is not None:
-                                progress(done, n)
+                with prefetch(works(), depth=prefetch_depth, name="dmrx-score-parquet") as prepared:
+                    for (work, unknown, users), scores in scorer.score_stream(prepared):
+                        m = work.n_candidates
+                        ds[done : done + m] = scores
+                        done += m
+                        encodings += work.n_users
+                        for k, v in unknown.items():
+                            unknown_total[k] = unknown_total.get(k, 0) + v
+                        if m:
+                            user_runs += int((users[1:] != users[:-1]).sum()) + int(last is None or users[0] != last)
+                            last = int(users[-1])
+                        if progress is not None:
+                            progress(done, n)
             if done != n:
                 raise DmrxError(f"{candidates}: read {done} of the {n} rows its metadata declares")
             attrs = output_attrs(scorer, desc, candidates, source, (0, n), None, batch_size)

@@ -9,14 +9,19 @@ history, the candidate side once per candidate.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from dmrx.choices import BACKENDS, PRECISIONS
 from dmrx.data.features import batch_key
+from dmrx.data.reader import group_rows
 from dmrx.errors import DmrxError
+
+Tag = TypeVar("Tag")
 
 
 @dataclass
@@ -57,22 +62,6 @@ class Work:
                 )
             )
         return out
-
-
-def group_rows(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct rows of the aligned key columns (or of one [B, k] array): (first row of each group [U],
-    group of each row [B])."""
-    if len(keys) == 2 and len(keys[0]):
-        a, b = keys
-        top = int(b.max()) + 1
-        if int(a.max()) < (1 << 62) // max(top, 1):
-            keys = (a * top + b,)
-    if len(keys) == 1 and keys[0].ndim == 1:
-        _, first, inverse = np.unique(keys[0], return_index=True, return_inverse=True)
-    else:
-        rows = keys[0] if len(keys) == 1 else np.column_stack(keys)
-        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    return first.astype(np.int64), inverse.reshape(-1).astype(np.int64)
 
 
 def _count_unknown_hist(hist: dict[str, np.ndarray], hist_len: np.ndarray) -> dict[str, int]:
@@ -252,13 +241,29 @@ class Scorer:
 
     def score_works(self, works: list[Work]) -> Iterator[np.ndarray]:
         """Scores of each Work, in order, spread over the workers."""
-        if self.workers <= 1 or len(works) <= 1:
-            return (self.backend.score(w) for w in works)
+        return (scores for _, scores in self.score_stream((w, None) for w in works))
+
+    def score_stream(self, items: Iterable[tuple[Work, Tag]]) -> Iterator[tuple[Tag, np.ndarray]]:
+        """(tag, scores) for each (Work, tag), in order. The works are scored on the workers as they arrive,
+        up to two per worker ahead of the consumer, so a stream never waits at a group boundary and its
+        first scores come as soon as its first Work is read."""
+        if self.workers <= 1:
+            for work, tag in items:
+                yield tag, self.backend.score(work)
+            return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dmrx-score")
-        return self._pool.map(self.backend.score, works)
+        pending: deque = deque()
+        for work, tag in items:
+            pending.append((tag, self._pool.submit(self.backend.score, work)))
+            if len(pending) > 2 * self.workers:
+                tag0, done = pending.popleft()
+                yield tag0, done.result()
+        while pending:
+            tag0, done = pending.popleft()
+            yield tag0, done.result()
 
     def score_batch(self, cols: dict) -> np.ndarray:
         """CTR (float32 [B]) of every row of a raw-id numpy batch (see `prepare` for the columns)."""
