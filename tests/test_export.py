@@ -471,6 +471,25 @@ def test_int8_cpu_arrangement_is_the_same_model(exported, tiny_run, tiny_data):
     assert np.abs(a - s.run(["ctr"], feeds)[0]).max() <= 1e-4
 
 
+def test_row_products_score_the_same(exported, tiny_run, tiny_data):
+    """The load-time rewrite of one-column matmuls (the attention's z) into one-row GEMMs: every such MatMul
+    becomes a Gemm, and the CTRs agree with the stored graph within float rounding."""
+    from dmrx.runtime.ort import row_products
+
+    b = bundle.load(tiny_run)
+    stored = onnx.load(str(exported / "ranking.onnx"))
+    rows = row_products(stored)
+    assert any(n.op_type == "MatMul" and n.name.endswith("/z/MatMul") for n in stored.graph.node)
+    assert not any(n.name.endswith("/z/MatMul") for n in rows.graph.node)
+    assert any(n.op_type == "Gemm" and n.name.endswith("/z/MatMul__row_Gemm") for n in rows.graph.node)
+    feeds = to_feeds(_edge_batch(tiny_data, b, 64), GraphSpec.of(b.model), "ranking")
+    a, c = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["ctr"], feeds)[0]
+        for m in (stored, rows)
+    )
+    assert a.shape == c.shape and np.abs(a - c).max() <= 1e-6
+
+
 def test_int8_cpu_flavour_has_7bit_weights_and_scores_like_fp32(exported, tiny_run, tiny_data):
     """The CPU flavour: matmul weights within +-63 (no u8 x s8 saturation, so no overflow-safe kernel), stored
     in the CPU layout, picked by onnxruntime int8 scoring on CPU, and scoring like FP32 and like the Q/DQ graph."""
