@@ -169,6 +169,8 @@ def test_attention_core_in_8_bits_matches_tanh():
     assert int8._quantize_attention_cores(model, ranges) == 1
     assert {n.op_type for n in model.graph.node} == {
         "QuantizeLinear",
+        "Shape",
+        "Expand",  # the 8-bit query to the keys' [S, g, T, h]
         "QLinearAdd",
         "QLinearSigmoid",
         "MatMulIntegerToFloat",
