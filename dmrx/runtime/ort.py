@@ -2,7 +2,8 @@
 
 Every consumer (scoring, user vectors for retrieval, the INT8 retrieval search, the export's gates and
 calibration, the benchmarks) opens its sessions through `session`, so they all run a graph the same way:
-INT8 graphs rearranged for the CPU kernels at load (`for_cpu`) with integer matmuls that do not saturate
+one-column matmuls as one-row GEMMs on CPU (`row_products`), INT8 graphs rearranged for the CPU kernels at
+load (`for_cpu`) with integer matmuls that do not saturate
 on x86 CPUs without VNNI (`X64_PRECISION`), one intra-op thread count, quiet logging, and a one-line
 DmrxError naming the file when a graph cannot be loaded.
 """
@@ -207,7 +208,8 @@ def session(
     """An ONNX Runtime session for a dmrx graph (a path or a ModelProto).
 
     threads: intra-op threads (0: ONNX Runtime's default, one per core). providers: execution providers in
-    order of preference (default CPU only). On the CPU provider integer matmuls run with X64_PRECISION, so
+    order of preference (default CPU only). On the CPU provider one-column matmuls become one-row GEMMs
+    (row_products), integer matmuls run with X64_PRECISION, so
     that they do not saturate, and an INT8 graph goes through for_cpu with MatMulAddFusion off, so that the
     quantized MLP layers keep their integer kernels. spinning: whether idle intra-op threads spin (off for callers that
     run many single-threaded sessions side by side).
