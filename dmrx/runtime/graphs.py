@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dmrx.data.reader import group_rows
 from dmrx.errors import DmrxError
 from dmrx.runtime.ort import USER_PREFIX, onnx_name
 
@@ -140,8 +141,7 @@ def slot_layout(user_row: np.ndarray, same: list[np.ndarray] = (), max_g: int = 
     if len(same):
         first = _first_of(user_row)
         if not all(np.array_equal(col, col[first[user_row]]) for col in same):  # rare: features vary by row
-            _, group = np.unique(np.column_stack([user_row, *same]), axis=0, return_inverse=True)
-            group = group.reshape(-1).astype(np.int64)
+            group = group_rows(np.column_stack([user_row, *same]))[1]
     counts = np.bincount(group)
     present = counts[counts > 0]
     g_all = np.arange(1, max_g + 1)
